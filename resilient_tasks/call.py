@@ -1,0 +1,111 @@
+"""One execution of a task: everything the guards share, kept off the task instance.
+
+Celery shares one task instance per process, so per-call state lives here and is made
+visible to the body through context variables (``ResilientTask.idempotency``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import ClaimLost
+from .store.base import Op
+
+if TYPE_CHECKING:
+    from .policy import TaskPolicy
+    from .runtime import Runtime
+    from .task import ResilientTask
+
+__all__ = ["Call", "ClaimHandle", "current_call", "current_deadline"]
+
+#: Header names carried on messages. Custom headers survive Celery retries.
+DEADLINE_HEADER = "rt_deadline"
+OWNER_HEADER = "rt_owner"
+PREV_DELAY_HEADER = "rt_prev_delay"
+DEFERRALS_HEADER = "rt_deferrals"
+
+current_call: contextvars.ContextVar[Call | None] = contextvars.ContextVar("rt_call", default=None)
+current_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
+    "rt_deadline", default=None
+)
+
+
+@dataclass
+class ClaimHandle:
+    """The body's view of its idempotency claim: the fencing token and whether it was lost."""
+
+    key: str
+    owner: str
+    token: int
+    lost: bool = False
+
+    def check(self) -> None:
+        """Raise ``ClaimLost`` if another worker took the claim (call before side effects)."""
+        if self.lost:
+            raise ClaimLost(f"idempotency claim (token {self.token}) was taken over")
+
+
+EndCallback = Callable[[Any], None]
+
+
+@dataclass
+class Call:
+    """A single execution: arguments, policy, deadline, and the two store batches."""
+
+    task: ResilientTask
+    policy: TaskPolicy
+    runtime: Runtime
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    headers: dict[str, Any]
+    deadline: float | None
+    started: float = field(default_factory=time.time)
+    claim: ClaimHandle | None = None
+    outcome: dict[str, Any] = field(default_factory=dict)
+    end_ops: list[tuple[Op, EndCallback | None]] = field(default_factory=list)
+    preparers: tuple[Any, ...] = ()
+    has_result: bool = False
+    result: Any = None
+    _begun: dict[int, list[Any]] | None = None
+
+    def begin(self, guard: Any) -> list[Any]:
+        """The answers to ``guard``'s ``prepare`` ops, fetched with every other guard's
+        in one round trip the first time any guard asks."""
+        if self._begun is None:
+            ops_by_guard = [(g, g.prepare(self)) for g in self.preparers]
+            flat = [op for _, ops in ops_by_guard for op in ops]
+            self._begun = {}
+            answers = self.runtime.store.run(flat) if flat else []
+            start = 0
+            for g, ops in ops_by_guard:
+                self._begun[id(g)] = answers[start : start + len(ops)]
+                start += len(ops)
+        return self._begun.get(id(guard), [])
+
+    def replace_result(self, value: Any) -> None:
+        """Return ``value`` instead of the body's result (a lost claim defers to the winner)."""
+        self.has_result = True
+        self.result = value
+
+    @property
+    def request(self) -> Any:
+        return self.task.request
+
+    @property
+    def attempt(self) -> int:
+        """0 for the first run, n for the n-th retry."""
+        return int(self.request.retries or 0)
+
+    def remaining(self) -> float | None:
+        """Seconds until the deadline, or None without one."""
+        if self.deadline is None:
+            return None
+        return self.deadline - self.runtime.clock()
+
+    def at_end(self, op: Op, callback: EndCallback | None = None) -> None:
+        """Queue a write for the single ``end`` round trip."""
+        self.end_ops.append((op, callback))

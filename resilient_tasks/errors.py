@@ -1,0 +1,89 @@
+"""Every error resilient-tasks raises, in one tree.
+
+::
+
+    ResilienceError
+    ├── PolicyError            a policy or setting is invalid (raised at import or worker start)
+    ├── CircuitOpen            the downstream's breaker refuses calls; carries ``retry_after``
+    ├── DuplicateInFlight      another worker holds the idempotency claim for this key
+    ├── IdempotencyConflict    same idempotency key, different arguments
+    ├── IdempotencyKeyError    the key could not be built (empty, too long, missing argument)
+    ├── ClaimLost              our claim was taken over while the body ran (fencing)
+    ├── RetryBudgetExhausted   the downstream's fleet-wide retry budget is spent
+    ├── DeadlineExceeded       the task's absolute deadline has passed or would be passed
+    └── StoreUnavailable       Redis could not be reached or refused the command
+
+Errors of the libraries underneath (``redis.RedisError``) are translated to
+``StoreUnavailable`` in the store and nowhere else.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CircuitOpen",
+    "ClaimLost",
+    "DeadlineExceeded",
+    "DuplicateInFlight",
+    "IdempotencyConflict",
+    "IdempotencyKeyError",
+    "PolicyError",
+    "ResilienceError",
+    "RetryBudgetExhausted",
+    "StoreUnavailable",
+]
+
+
+class ResilienceError(Exception):
+    """Base of every error raised by resilient-tasks."""
+
+
+class PolicyError(ResilienceError, ValueError):
+    """A policy field or an ``install`` setting is invalid; the message names it."""
+
+    def __init__(self, field: str, rule: str) -> None:
+        self.field = field
+        self.rule = rule
+        super().__init__(f"{field}: {rule}")
+
+    def __reduce__(self) -> tuple[type[PolicyError], tuple[str, str]]:
+        return (type(self), (self.field, self.rule))
+
+
+class CircuitOpen(ResilienceError):
+    """The downstream's breaker is open; try again after ``retry_after`` seconds."""
+
+    def __init__(self, downstream: str, retry_after: float) -> None:
+        self.downstream = downstream
+        self.retry_after = retry_after
+        super().__init__(f"circuit {downstream!r} is open; retry after {retry_after:.1f}s")
+
+    def __reduce__(self) -> tuple[type[CircuitOpen], tuple[str, float]]:
+        return (type(self), (self.downstream, self.retry_after))
+
+
+class DuplicateInFlight(ResilienceError):
+    """Another worker holds the claim for this idempotency key."""
+
+
+class IdempotencyConflict(ResilienceError):
+    """The idempotency key was seen before with different arguments."""
+
+
+class IdempotencyKeyError(ResilienceError):
+    """The idempotency key could not be built from the task's arguments."""
+
+
+class ClaimLost(ResilienceError):
+    """Our idempotency claim expired and was taken by another worker."""
+
+
+class RetryBudgetExhausted(ResilienceError):
+    """The downstream's fleet-wide retry budget is spent for this window."""
+
+
+class DeadlineExceeded(ResilienceError):
+    """The task's absolute deadline has passed, or a retry would land past it."""
+
+
+class StoreUnavailable(ResilienceError):
+    """The Redis store could not be reached or refused a command."""

@@ -1,0 +1,163 @@
+"""Idempotency guard: one execution per key, duplicates get the stored result.
+
+``claim`` rides in the ``begin`` round trip and ``complete``/``release`` in ``end``. Each
+execution gets a fresh owner id; a retry hands its owner id over in a header so it is not
+mistaken for a duplicate of itself. Fencing tokens come from a per-key counter.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import uuid
+from typing import Any
+
+from kombu.utils.json import dumps, loads
+
+from ..call import OWNER_HEADER, Call, ClaimHandle
+from ..errors import (
+    ClaimLost,
+    DuplicateInFlight,
+    IdempotencyConflict,
+    StoreUnavailable,
+)
+from ..keys import digest, fingerprint, key_material
+from ..policy import IdempotencyPolicy
+from ..schedule import defer
+from ..store.base import Op
+from . import Next
+
+__all__ = ["IdempotencyGuard", "lease_seconds", "record_key"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LEASE = 60.0
+
+
+def record_key(call: Call, material: str) -> str:
+    """``prefix:idem:{sha256(task name, key)}``: raw input never reaches Redis."""
+    return call.runtime.store.key("idem", digest(call.task.name, material))
+
+
+def lease_seconds(call: Call, policy: IdempotencyPolicy) -> float:
+    """The policy's lease, else the task's hard time limit, else 60 s."""
+    if policy.lease is not None:
+        return policy.lease
+    limit = call.task.time_limit or call.task.app.conf.task_time_limit
+    return float(limit) if limit else DEFAULT_LEASE
+
+
+class IdempotencyGuard:
+    """Claims the key before the body, completes or releases it after."""
+
+    def prepare(self, call: Call) -> list[Op]:
+        policy = call.policy.idempotency
+        assert policy is not None
+        material = key_material(policy.key, call.task.run, call.args, call.kwargs, call.request.id)
+        key = record_key(call, material)
+        fp = fingerprint(call.task.run, call.args, call.kwargs) if policy.fingerprint else ""
+        lease_ms = int(lease_seconds(call, policy) * 1000)
+        previous_owner = str(call.headers.get(OWNER_HEADER) or "")
+        owner = uuid.uuid4().hex
+        call.outcome["idempotency_key"] = key
+        call.claim = ClaimHandle(key=key, owner=owner, token=0)
+        return [
+            Op(
+                "claim",
+                (key,),
+                (owner, lease_ms, int(policy.ttl * 1000), fp, call.request.id or "", 0, previous_owner),
+            )
+        ]
+
+    def __call__(self, call: Call, next: Next) -> Any:
+        policy = call.policy.idempotency
+        assert policy is not None
+        try:
+            (answer,) = call.begin(self)
+        except StoreUnavailable as exc:
+            call.claim = None
+            if policy.on_store_error == "fail_open":
+                call.outcome["idempotency"] = "unguarded"
+                log.warning("idempotency store unavailable; running unguarded (fail_open): %s", exc)
+                return next(call)
+            call.outcome["idempotency"] = "store_unavailable"
+            defer(call, random.uniform(1.0, 5.0), f"idempotency store unavailable: {exc}", exc)
+        verdict = _text(answer[0])
+        if verdict == "claimed":
+            return self._run(call, policy, int(answer[1]), next)
+        claim, call.claim = call.claim, None
+        if verdict == "done":
+            call.outcome["idempotency"] = "replayed"
+            call.outcome["replayed_token"] = int(answer[1])
+            return _decode(answer[2])
+        if verdict == "conflict":
+            call.outcome["idempotency"] = "conflict"
+            raise IdempotencyConflict(
+                "this idempotency key was used before with different arguments; the body was not run"
+            )
+        remaining = int(answer[2]) / 1000.0
+        call.outcome["idempotency"] = "in_flight"
+        if policy.on_duplicate == "drop":
+            raise DuplicateInFlight(f"key held by another execution for {remaining:.1f}s more; dropped")
+        jitter = random.uniform(0.0, min(1.0, max(0.05, remaining * 0.1)))
+        defer(call, remaining + jitter, f"duplicate of an in-flight execution ({claim.key if claim else ''})")
+
+    def _run(self, call: Call, policy: IdempotencyPolicy, token: int, next: Next) -> Any:
+        claim = call.claim
+        assert claim is not None
+        claim.token = token
+        call.outcome["idempotency"] = "claimed"
+        call.outcome["token"] = token
+        lease_ms = int(lease_seconds(call, policy) * 1000)
+        ttl_ms = int(policy.ttl * 1000)
+        heartbeat = call.runtime.heartbeat
+        heartbeat.track(claim, lease_ms, ttl_ms)
+        try:
+            result = next(call)
+        except BaseException:
+            heartbeat.untrack(claim)
+            call.at_end(Op("release", (claim.key,), (claim.owner, token, ttl_ms)))
+            raise
+        heartbeat.untrack(claim)
+        payload = _encode(result, call.runtime.max_result_bytes)
+        if payload is None:
+            call.outcome["idempotency_result"] = "not_stored"
+            payload = "null"
+        call.at_end(
+            Op("complete", (claim.key,), (claim.owner, token, payload, ttl_ms, 0)),
+            lambda answer: _completed(call, claim, answer),
+        )
+        return result
+
+
+def _completed(call: Call, claim: ClaimHandle, answer: Any) -> None:
+    if int(answer[0]) == 1:
+        return
+    state = _text(answer[1])
+    call.outcome["idempotency"] = "claim_lost"
+    if state == "done":
+        call.replace_result(_decode(answer[2]))
+        log.warning("claim token %s was lost; another execution completed first", claim.token)
+        return
+    raise ClaimLost(f"claim token {claim.token} was lost before completion (record is {state or 'gone'})")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _encode(result: Any, limit: int) -> str | None:
+    try:
+        payload = dumps(result)
+    except (TypeError, ValueError) as exc:
+        log.warning("result is not JSON-serialisable; replays will return None: %s", exc)
+        return None
+    if len(payload.encode()) > limit:
+        log.warning("result is %d bytes (> %d); replays will return None", len(payload), limit)
+        return None
+    return str(payload)
+
+
+def _decode(raw: Any) -> Any:
+    text = _text(raw) if raw is not None else "null"
+    return loads(text or "null")

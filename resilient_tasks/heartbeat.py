@@ -1,0 +1,100 @@
+"""Lease renewal for running claims: one daemon thread per worker process.
+
+A claim's lease is renewed every ``lease / 3`` while the body runs, all due claims in one
+round trip. A renewal that finds the claim gone marks it ``lost`` so the body can stop
+before a side effect (``self.idempotency.check()``) and its completion is refused anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .call import ClaimHandle
+from .errors import StoreUnavailable
+from .store.base import Op, Store
+
+__all__ = ["Heartbeat"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Lease:
+    claim: ClaimHandle
+    lease_ms: int
+    ttl_ms: int
+    due: float
+
+
+class Heartbeat:
+    """Renews the leases of the claims this process holds."""
+
+    def __init__(self, store: Callable[[], Store]) -> None:
+        self._store = store
+        self._leases: dict[int, _Lease] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pid = -1
+        self._thread: threading.Thread | None = None
+
+    def track(self, claim: ClaimHandle, lease_ms: int, ttl_ms: int) -> None:
+        self._ensure_thread()
+        with self._lock:
+            due = time.monotonic() + lease_ms / 3000.0
+            self._leases[id(claim)] = _Lease(claim, lease_ms, ttl_ms, due)
+        self._wake.set()
+
+    def untrack(self, claim: ClaimHandle) -> None:
+        with self._lock:
+            self._leases.pop(id(claim), None)
+
+    def _ensure_thread(self) -> None:
+        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._pid != os.getpid():  # forked: the parent's leases are not ours
+                self._leases.clear()
+            self._pid = os.getpid()
+            self._thread = threading.Thread(target=self._loop, name="rt-heartbeat", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                due = [lease for lease in self._leases.values() if lease.due <= now]
+                upcoming = min((lease.due for lease in self._leases.values()), default=now + 1.0)
+            if due:
+                self._renew(due)
+                continue
+            self._wake.wait(timeout=max(0.01, upcoming - time.monotonic()))
+            self._wake.clear()
+
+    def _renew(self, leases: list[_Lease]) -> None:
+        ops = [
+            Op("renew", (lease.claim.key,), (lease.claim.owner, lease.claim.token, lease.lease_ms,
+                                             lease.ttl_ms, 0))
+            for lease in leases
+        ]
+        now = time.monotonic()
+        try:
+            results = self._store().run(ops)
+        except StoreUnavailable as exc:
+            log.warning("lease renewal failed, will retry: %s", exc)
+            with self._lock:
+                for lease in leases:
+                    lease.due = now + min(1.0, lease.lease_ms / 6000.0)
+            return
+        with self._lock:
+            for lease, renewed in zip(leases, results, strict=True):
+                if int(renewed) != 1:
+                    lease.claim.lost = True
+                    self._leases.pop(id(lease.claim), None)
+                    log.warning("idempotency claim token %s was lost", lease.claim.token)
+                else:
+                    lease.due = now + lease.lease_ms / 3000.0

@@ -1,0 +1,233 @@
+"""What ``install`` sets up for one Celery app: settings, the store, the publish hook.
+
+One ``Runtime`` per app, found through ``runtime_for(app)``. It holds no per-call state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import weakref
+from collections.abc import Callable
+from datetime import datetime
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
+
+from celery import signals
+
+from .call import DEADLINE_HEADER, current_deadline
+from .errors import PolicyError
+from .heartbeat import Heartbeat
+from .store.base import Store
+from .store.redis import RedisStore
+
+if TYPE_CHECKING:
+    from celery import Celery
+
+    from .policy import TaskPolicy
+    from .task import ResilientTask
+
+__all__ = ["Runtime", "install", "runtime_for"]
+
+log = logging.getLogger(__name__)
+
+REDIS_URL_ENV = "RESILIENT_TASKS_REDIS_URL"
+_RUNTIMES: weakref.WeakKeyDictionary[Any, Runtime] = weakref.WeakKeyDictionary()
+_PICKLE = {"pickle", "application/x-python-serialize"}
+_REDIS_BROKERS = ("redis", "rediss", "sentinel", "redis+socket")
+DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+
+
+class Runtime:
+    """The per-app wiring: the store (created lazily, per process), clock and limits."""
+
+    def __init__(
+        self,
+        app: Celery,
+        *,
+        redis_url: str | None,
+        prefix: str = "rt",
+        store: Store | None = None,
+        clock: Callable[[], float] = time.time,
+        max_result_bytes: int = 512 * 1024,
+        redis_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.app = app
+        self.redis_url = redis_url
+        self.prefix = prefix
+        self.clock = clock
+        self.max_result_bytes = max_result_bytes
+        self._redis_options = dict(redis_options or {})
+        self._store = store
+        self._store_pid = os.getpid() if store is not None else -1
+        self.heartbeat = Heartbeat(lambda: self.store)
+
+    @property
+    def store(self) -> Store:
+        """The shared store; a fork gets its own connections (redis-py checks the pid)."""
+        if self._store is None:
+            if not self.redis_url:
+                raise PolicyError(
+                    "install.redis_url",
+                    f"a task needs the Redis store: call resilient_tasks.install(app, "
+                    f"redis_url=...) or set {REDIS_URL_ENV}",
+                )
+            self._store = RedisStore(self.redis_url, prefix=self.prefix, **self._redis_options)
+        return self._store
+
+    def policy_for(self, task: ResilientTask) -> TaskPolicy:
+        """The effective policy of ``task`` (the policies file layers on top later)."""
+        return task.policy
+
+    @cached_property
+    def _deadline_hook(self) -> Callable[..., None]:
+        def hook(sender: Any = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
+            if headers is None:
+                return
+            name = headers.get("task") or sender
+            task = self.app.tasks.get(name) if isinstance(name, str) else None
+            own = getattr(getattr(task, "policy", None), "deadline", None)
+            candidates = [d for d in (headers.get(DEADLINE_HEADER), current_deadline.get()) if d]
+            if own is not None and not candidates:
+                candidates.append(self.clock() + float(own))
+            if candidates:
+                headers[DEADLINE_HEADER] = min(float(d) for d in candidates)
+
+        return hook
+
+
+def runtime_for(app: Celery) -> Runtime:
+    """The app's runtime; an app that never called ``install`` gets one from the env."""
+    runtime = _RUNTIMES.get(app)
+    if runtime is None:
+        runtime = install(app, os.environ.get(REDIS_URL_ENV), _configure=False)
+    return runtime
+
+
+def _check_serializers(app: Celery) -> None:
+    conf = app.conf
+    for setting in ("accept_content", "result_accept_content"):
+        values = {str(v) for v in (conf.get(setting) or ())}
+        if values & _PICKLE:
+            raise PolicyError(
+                setting,
+                "pickle is refused: a message that can run code on unpickling lets anyone "
+                "who can write to the broker run code on every worker; use ['json']",
+            )
+    for setting in ("task_serializer", "result_serializer", "event_serializer"):
+        if str(conf.get(setting)) in _PICKLE:
+            raise PolicyError(setting, "pickle is refused; use 'json'")
+
+
+def _largest_wait(app: Celery) -> tuple[float, str]:
+    """The longest countdown or lease any registered resilient task may schedule."""
+    from .guards.idempotency import DEFAULT_LEASE
+    from .task import ResilientTask
+
+    largest, what = 0.0, ""
+    for name, task in list(app.tasks.items()):
+        policy = getattr(task, "policy", None)
+        if not isinstance(task, ResilientTask) or policy is None:
+            continue
+        waits = []
+        if policy.retry is not None:
+            waits.append((policy.retry.cap, f"{name}: RetryPolicy.cap"))
+        if policy.idempotency is not None:
+            limit = task.time_limit or app.conf.task_time_limit
+            lease = policy.idempotency.lease or (float(limit) if limit else DEFAULT_LEASE)
+            waits.append((lease, f"{name}: IdempotencyPolicy.lease"))
+        if policy.breaker is not None:
+            longest_open = policy.breaker.open_for_max or policy.breaker.open_for
+            waits.append((longest_open, f"{name}: BreakerPolicy.open_for"))
+        for value, label in waits:
+            if value > largest:
+                largest, what = value, label
+    return largest, what
+
+
+def check_visibility_timeout(app: Celery) -> None:
+    """Refuse countdowns, leases or deferrals that the Redis broker would redeliver early.
+
+    The Redis transport re-delivers an unacked message after ``visibility_timeout``; an
+    ETA or countdown beyond it runs twice (Celery issues #2599, #3270, #4400).
+    """
+    url = str(app.conf.broker_url or "")
+    if not url.split("://", 1)[0] in _REDIS_BROKERS:
+        return
+    options = app.conf.broker_transport_options or {}
+    timeout = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
+    largest, what = _largest_wait(app)
+    if largest and timeout <= largest:
+        raise PolicyError(
+            "broker_transport_options.visibility_timeout",
+            f"{timeout:g}s must be above the longest wait a task can schedule ({largest:g}s, "
+            f"{what}); otherwise the Redis broker redelivers the message and it runs twice",
+        )
+
+
+def install(
+    app: Celery,
+    redis_url: str | None = None,
+    *,
+    policies: str | os.PathLike[str] | None = None,
+    prefix: str = "rt",
+    store: Store | None = None,
+    clock: Callable[[], float] = time.time,
+    acks_late: bool = True,
+    reject_on_worker_lost: bool = True,
+    max_result_bytes: int = 512 * 1024,
+    redis_options: dict[str, Any] | None = None,
+    _configure: bool = True,
+) -> Runtime:
+    """Wire resilient-tasks into ``app``: safe settings, the store and the publish hook.
+
+    Refuses pickle (a ``PolicyError`` naming the setting). Sets ``task_acks_late`` and
+    ``task_reject_on_worker_lost`` so a killed worker's task comes back, JSON serializers,
+    and checks the Redis broker's ``visibility_timeout`` against every task's waits.
+    """
+    redis_url = redis_url or os.environ.get(REDIS_URL_ENV)
+    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
+        raise PolicyError("install.redis_url", f"must be a redis://, rediss:// or unix:// URL: {redis_url!r}")
+    if policies is not None:
+        raise PolicyError("install.policies", "the worker policies file is not supported yet")
+    _check_serializers(app)
+    if _configure:
+        conf = app.conf
+        conf.task_serializer = "json"
+        conf.result_serializer = "json"
+        conf.accept_content = ["json"]
+        conf.task_acks_late = acks_late
+        conf.task_reject_on_worker_lost = reject_on_worker_lost
+    runtime = Runtime(
+        app,
+        redis_url=redis_url,
+        prefix=prefix,
+        store=store,
+        clock=clock,
+        max_result_bytes=max_result_bytes,
+        redis_options=redis_options,
+    )
+    previous = _RUNTIMES.get(app)
+    if previous is not None:
+        signals.before_task_publish.disconnect(previous._deadline_hook)
+    _RUNTIMES[app] = runtime
+    signals.before_task_publish.connect(runtime._deadline_hook, weak=False)
+    if _configure:
+        if app.finalized:
+            check_visibility_timeout(app)
+        else:
+            app.on_after_finalize.connect(lambda sender, **_: check_visibility_timeout(sender), weak=False)
+    return runtime
+
+
+def parse_expires(value: Any) -> float | None:
+    """Celery's ``expires`` header (ISO text or datetime) as an epoch timestamp."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return None

@@ -1,0 +1,35 @@
+-- claim: take the idempotency record for one execution, or say why not.
+-- KEYS[1] record hash
+-- ARGV: owner, lease_ms, ttl_ms, fingerprint ('' = none), task_id, now_ms (0 = server TIME),
+--       handoff ('' or the owner id of the execution this retry continues)
+-- Returns {'claimed', token} | {'done', token, result, done_at_ms, now_ms}
+--       | {'in_flight', token, remaining_ms} | {'conflict', token}
+local key = KEYS[1]
+local now = tonumber(ARGV[6])
+if now == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local rec = redis.call('HMGET', key, 'state', 'fp', 'token', 'lease_until', 'result', 'done_at')
+local state, fp, token = rec[1], rec[2], tonumber(rec[3]) or 0
+local mine = ARGV[4]
+if state == 'done' or state == 'in_flight' then
+  if mine ~= '' and fp and fp ~= '' and fp ~= mine then
+    return {'conflict', token}
+  end
+  if state == 'done' then
+    return {'done', token, rec[5], tonumber(rec[6]) or now, now}
+  end
+  local remaining = (tonumber(rec[4]) or 0) - now
+  local handoff = ARGV[7] ~= '' and redis.call('HGET', key, 'owner') == ARGV[7]
+  if remaining > 0 and not handoff then
+    return {'in_flight', token, remaining}
+  end
+end
+-- absent, released, an in-flight claim whose lease expired, or our own retry: take it.
+token = redis.call('HINCRBY', key, 'token', 1)
+redis.call('HSET', key, 'state', 'in_flight', 'owner', ARGV[1], 'fp', mine,
+           'lease_until', now + tonumber(ARGV[2]), 'task_id', ARGV[5], 'claimed_at', now)
+redis.call('HDEL', key, 'result', 'done_at')
+redis.call('PEXPIRE', key, math.max(tonumber(ARGV[3]), tonumber(ARGV[2])))
+return {'claimed', token}

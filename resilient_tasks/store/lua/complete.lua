@@ -1,0 +1,19 @@
+-- complete: store the result, only if this execution still owns the claim.
+-- KEYS[1] record hash
+-- ARGV: owner, token, result_json, ttl_ms, now_ms (0 = server TIME)
+-- Returns {1} when stored; {0, state, result} when the claim was lost (the write is
+-- refused and the caller learns what the record holds now).
+local key = KEYS[1]
+local now = tonumber(ARGV[5])
+if now == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local rec = redis.call('HMGET', key, 'state', 'owner', 'token', 'result')
+if rec[1] ~= 'in_flight' or rec[2] ~= ARGV[1] or rec[3] ~= ARGV[2] then
+  return {0, rec[1] or '', rec[4] or ''}
+end
+redis.call('HSET', key, 'state', 'done', 'result', ARGV[3], 'done_at', now)
+redis.call('HDEL', key, 'lease_until')
+redis.call('PEXPIRE', key, tonumber(ARGV[4]))
+return {1}

