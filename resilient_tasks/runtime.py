@@ -120,16 +120,19 @@ def _check_serializers(app: Celery) -> None:
             raise PolicyError(setting, "pickle is refused; use 'json'")
 
 
-def _largest_wait(app: Celery) -> tuple[float, str]:
-    """The longest countdown or lease any registered resilient task may schedule."""
+def _largest_wait(app: Celery, tasks: list[Any]) -> tuple[float, str]:
+    """The longest countdown or lease any of ``tasks`` may schedule."""
     from .guards.idempotency import DEFAULT_LEASE
     from .task import ResilientTask
 
     largest, what = 0.0, ""
-    for name, task in list(app.tasks.items()):
+    for task in tasks:
         policy = getattr(task, "policy", None)
-        if not isinstance(task, ResilientTask) or policy is None:
+        if not (isinstance(task, ResilientTask) or (
+            isinstance(task, type) and issubclass(task, ResilientTask)
+        )) or policy is None:
             continue
+        name = task.name
         waits = []
         if policy.retry is not None:
             waits.append((policy.retry.cap, f"{name}: RetryPolicy.cap"))
@@ -146,7 +149,7 @@ def _largest_wait(app: Celery) -> tuple[float, str]:
     return largest, what
 
 
-def check_visibility_timeout(app: Celery) -> None:
+def check_visibility_timeout(app: Celery, tasks: list[Any] | None = None) -> None:
     """Refuse countdowns, leases or deferrals that the Redis broker would redeliver early.
 
     The Redis transport re-delivers an unacked message after ``visibility_timeout``; an
@@ -157,7 +160,9 @@ def check_visibility_timeout(app: Celery) -> None:
         return
     options = app.conf.broker_transport_options or {}
     timeout = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
-    largest, what = _largest_wait(app)
+    if tasks is None:
+        tasks = list(app.tasks.values())
+    largest, what = _largest_wait(app, tasks)
     if largest and timeout <= largest:
         raise PolicyError(
             "broker_transport_options.visibility_timeout",
@@ -213,11 +218,8 @@ def install(
         signals.before_task_publish.disconnect(previous._deadline_hook)
     _RUNTIMES[app] = runtime
     signals.before_task_publish.connect(runtime._deadline_hook, weak=False)
-    if _configure:
-        if app.finalized:
-            check_visibility_timeout(app)
-        else:
-            app.on_after_finalize.connect(lambda sender, **_: check_visibility_timeout(sender), weak=False)
+    if _configure and app.finalized:
+        check_visibility_timeout(app)  # tasks bound later are checked in ResilientTask.bind
     return runtime
 
 

@@ -23,7 +23,7 @@ from .guards.deadline import deadline_guard
 from .guards.idempotency import IdempotencyGuard
 from .guards.retry import retry_guard
 from .policy import TaskPolicy
-from .runtime import parse_expires, runtime_for
+from .runtime import check_visibility_timeout, parse_expires, runtime_for
 
 __all__ = ["ResilientTask", "guards_for"]
 
@@ -78,6 +78,13 @@ class ResilientTask(Task):  # type: ignore[misc]
         if not isinstance(policy, TaskPolicy):
             raise PolicyError(f"{cls.__name__}.policy", f"must be a TaskPolicy, got {policy!r}")
         _check_key_arguments(cls, policy)
+
+    @classmethod
+    def bind(cls, app: Any) -> Any:
+        """Registration: also refuse waits the Redis broker would redeliver early."""
+        bound = super().bind(app)
+        check_visibility_timeout(app, [cls])
+        return bound
 
     @property
     def idempotency(self) -> ClaimHandle:

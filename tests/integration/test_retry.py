@@ -15,7 +15,7 @@ def test_fails_twice_then_succeeds_runs_exactly_three_times(app: Celery) -> None
     runs: list[int] = []
     lock = threading.Lock()
 
-    @app.task(base=rt.ResilientTask, bind=True, policy=rt.TaskPolicy(
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
         idempotent=True,
         retry=rt.RetryPolicy(max_retries=5, base=0.01, cap=0.05),
     ))
@@ -34,7 +34,7 @@ def test_fails_twice_then_succeeds_runs_exactly_three_times(app: Celery) -> None
 def test_non_retryable_exception_is_not_retried(app: Celery) -> None:
     runs: list[int] = []
 
-    @app.task(base=rt.ResilientTask, bind=True, policy=rt.TaskPolicy(
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
         idempotent=True,
         retry=rt.RetryPolicy(max_retries=5, base=0.01, cap=0.05, retry_on=(ConnectionError,)),
     ))

@@ -1,0 +1,1 @@
+"""Benchmarks for resilient-tasks; run them as modules (``python -m benchmarks.overhead``)."""

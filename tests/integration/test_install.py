@@ -1,0 +1,106 @@
+"""install(): safe settings, refusals with clear errors, checks at registration."""
+
+from __future__ import annotations
+
+import pytest
+from celery import Celery
+
+import resilient_tasks as rt
+
+
+def test_pickle_in_accept_content_fails_install() -> None:
+    app = Celery("p", broker="memory://", set_as_current=False)
+    app.conf.accept_content = ["json", "pickle"]
+    with pytest.raises(rt.PolicyError) as info:
+        rt.install(app, redis_url="redis://127.0.0.1:1/0")
+    assert info.value.field == "accept_content"
+    assert "pickle is refused" in str(info.value)
+
+
+def test_pickle_serializer_fails_install() -> None:
+    app = Celery("p", broker="memory://", set_as_current=False)
+    app.conf.task_serializer = "pickle"
+    with pytest.raises(rt.PolicyError, match="task_serializer"):
+        rt.install(app)
+
+
+def test_install_sets_safe_defaults() -> None:
+    app = Celery("d", broker="memory://", set_as_current=False)
+    rt.install(app, redis_url="rediss://user:secret@127.0.0.1:6380/1?ssl_cert_reqs=required")
+    assert app.conf.task_acks_late is True
+    assert app.conf.task_reject_on_worker_lost is True
+    assert list(app.conf.accept_content) == ["json"]
+    assert app.conf.task_serializer == "json"
+
+
+def test_bad_store_url_is_refused() -> None:
+    app = Celery("u", broker="memory://", set_as_current=False)
+    with pytest.raises(rt.PolicyError, match="install.redis_url"):
+        rt.install(app, redis_url="http://127.0.0.1:6379")
+
+
+def test_retry_policy_on_non_idempotent_task_fails_at_registration() -> None:
+    app = Celery("r", broker="memory://", set_as_current=False)
+    with pytest.raises(rt.PolicyError, match="TaskPolicy.retry: only idempotent work"):
+
+        @app.task(base=rt.ResilientTask, shared=False, policy=rt.TaskPolicy(retry=rt.RetryPolicy()))
+        def charge(order_id: int) -> None: ...
+
+
+def test_key_naming_a_missing_argument_fails_at_registration() -> None:
+    app = Celery("k", broker="memory://", set_as_current=False)
+    with pytest.raises(rt.PolicyError, match="order_id is not an argument"):
+
+        class Charge(rt.ResilientTask):
+            name = "k.charge"
+            policy = rt.TaskPolicy(idempotency=rt.IdempotencyPolicy(key=("order_id",)))
+
+            def run(self, customer_id: int) -> None: ...
+
+
+def test_policy_must_be_a_task_policy() -> None:
+    app = Celery("t", broker="memory://", set_as_current=False)
+
+    @app.task(base=rt.ResilientTask, policy={"retry": 3}, shared=False)
+    def charge() -> None: ...
+
+    with pytest.raises(rt.PolicyError, match="charge.policy: must be a TaskPolicy"):
+        app.finalize()  # a worker finalizes its app at start: the error comes then
+
+
+def test_visibility_timeout_below_a_retry_cap_is_refused() -> None:
+    app = Celery("v", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    app.conf.broker_transport_options = {"visibility_timeout": 60}
+    rt.install(app, redis_url="redis://127.0.0.1:1/1")
+
+    @app.task(base=rt.ResilientTask, shared=False, policy=rt.TaskPolicy(
+        idempotent=True, retry=rt.RetryPolicy(cap=600)))
+    def slow_retry() -> None: ...
+
+    with pytest.raises(rt.PolicyError) as info:
+        app.finalize()
+    assert info.value.field == "broker_transport_options.visibility_timeout"
+    assert "RetryPolicy.cap" in str(info.value)
+
+
+def test_idempotency_lease_above_visibility_timeout_is_refused() -> None:
+    app = Celery("l", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    app.conf.broker_transport_options = {"visibility_timeout": 100}
+
+    @app.task(base=rt.ResilientTask, shared=False, policy=rt.TaskPolicy(
+        idempotency=rt.IdempotencyPolicy(lease=300)))
+    def long_job() -> None: ...
+
+    with pytest.raises(rt.PolicyError, match="IdempotencyPolicy.lease"):
+        app.finalize()
+
+
+def test_non_redis_broker_skips_the_visibility_check() -> None:
+    app = Celery("a", broker="amqp://guest@127.0.0.1//", set_as_current=False)
+
+    @app.task(base=rt.ResilientTask, shared=False, policy=rt.TaskPolicy(
+        idempotent=True, retry=rt.RetryPolicy(cap=7200)))
+    def job() -> None: ...
+
+    app.finalize()
+    rt.install(app, redis_url="redis://127.0.0.1:1/1")
