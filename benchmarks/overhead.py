@@ -1,0 +1,415 @@
+"""What ``ResilientTask`` costs over a plain Celery task: throughput and store round trips.
+
+Why it is built this way:
+
+- One Celery app and one worker configuration serve every variant, so only the task
+  class and its policy differ between them.
+- The broker and result backend live on one private redis-server, the resilience store
+  on a second one, so the store server's ``INFO commandstats`` holds store traffic only.
+- A measurement pre-publishes N messages, then starts a fresh in-process worker (thread
+  pool) and times from the first task start (``task_prerun``) to the last task end
+  (``task_postrun``). Publishing and worker start-up stay outside the window, so the
+  number is the worker-side cost per task, which is where the middleware runs.
+- Variants run interleaved, their order rotated every round, so drift (CPU boost, a noisy
+  neighbour) hits all of them alike; ``ratio_vs_plain`` is the median of per-round ratios.
+- Store round trips are counted on the wire (every request written on a store
+  connection, exact), in the library (``RedisStore`` pipelines) and on the server
+  (``INFO commandstats``, a cross-check that also shows the commands Lua scripts run).
+
+Add a variant by adding a task factory to ``VARIANTS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from celery import Celery, Task, signals
+
+import resilient_tasks as rt
+from resilient_tasks.store.base import Op
+from resilient_tasks.store.redis import RedisStore
+from resilient_tasks.testing import RedisServer, in_process_worker
+
+TaskFactory = Callable[[Celery], Task]
+
+#: Commands the benchmark itself sends to the store server; not the library's traffic.
+ADMIN_COMMANDS = frozenset({"config", "info", "flushdb", "dbsize"})
+
+#: The issue's targets: (minimum ratio vs plain, maximum store round trips per task).
+TARGETS: dict[str, tuple[float, float]] = {
+    "retry_policy": (0.95, 0.0),
+    "idempotency": (0.90, 2.0),
+}
+
+
+def _plain(app: Celery) -> Task:
+    @app.task(name="bench.plain")
+    def plain(n: int) -> int:
+        return n + 1
+
+    return plain
+
+
+def _retry_policy(app: Celery) -> Task:
+    policy = rt.TaskPolicy(idempotent=True, retry=rt.RetryPolicy())
+
+    @app.task(name="bench.retry_policy", base=rt.ResilientTask, policy=policy)
+    def retry_policy(n: int) -> int:
+        return n + 1
+
+    return retry_policy
+
+
+def _idempotency(app: Celery) -> Task:
+    policy = rt.TaskPolicy(idempotency=rt.IdempotencyPolicy(key=("n",)))
+
+    @app.task(name="bench.idempotency", base=rt.ResilientTask, policy=policy)
+    def idempotency(n: int) -> int:
+        return n + 1
+
+    return idempotency
+
+
+#: Variant name -> factory registering a task ``(n: int) -> int`` on the app.
+VARIANTS: dict[str, TaskFactory] = {
+    "plain": _plain,
+    "retry_policy": _retry_policy,
+    "idempotency": _idempotency,
+}
+
+
+class Counters:
+    """Tallies shared by worker threads, the heartbeat thread and the main thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, int] = {}
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self._values[name] = self._values.get(name, 0) + amount
+
+    def take(self) -> dict[str, int]:
+        """Return the tallies since the last ``take`` and start again from zero."""
+        with self._lock:
+            values, self._values = self._values, {}
+        return values
+
+
+COUNTERS = Counters()
+
+
+class CountingConnection(redis.connection.Connection):
+    """A store connection that counts request writes: one per command or pipeline.
+
+    Health-check PINGs and connection set-up commands are real round trips too, and are
+    counted because they also go through ``send_packed_command``.
+    """
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        COUNTERS.add("wire")
+        super().send_packed_command(command, check_health)
+
+
+@contextmanager
+def instrument_store() -> Iterator[None]:
+    """Count ``RedisStore`` pipelines and ops; the workers are threads of this process."""
+    send, load = RedisStore._send, RedisStore._load
+
+    def counted_send(self: RedisStore, ops: Sequence[Op]) -> list[Any]:
+        COUNTERS.add("pipelines")
+        COUNTERS.add("ops", len(ops))
+        return send(self, ops)
+
+    def counted_load(self: RedisStore, names: set[str]) -> None:
+        COUNTERS.add("pipelines")
+        COUNTERS.add("script_loads")
+        load(self, names)
+
+    RedisStore._send = counted_send  # type: ignore[method-assign]
+    RedisStore._load = counted_load  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        RedisStore._send = send  # type: ignore[method-assign]
+        RedisStore._load = load  # type: ignore[method-assign]
+
+
+class Window:
+    """First start and last end of one task name's executions, seen from the worker."""
+
+    def __init__(self, name: str, expected: int) -> None:
+        self.name = name
+        self.expected = expected
+        self.first: float | None = None
+        self.last = 0.0
+        self.finished = 0
+        self.succeeded = 0
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+
+    def on_prerun(self, sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "name", None) == self.name:
+            now = time.perf_counter()
+            with self._lock:
+                if self.first is None:
+                    self.first = now
+
+    def on_success(self, sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "name", None) == self.name:
+            with self._lock:
+                self.succeeded += 1
+
+    def on_postrun(self, sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "name", None) == self.name:
+            now = time.perf_counter()
+            with self._lock:
+                self.last = max(self.last, now)
+                self.finished += 1
+                if self.finished >= self.expected:
+                    self.done.set()
+
+    @contextmanager
+    def listening(self) -> Iterator[Window]:
+        hooks = (
+            (signals.task_prerun, self.on_prerun),
+            (signals.task_success, self.on_success),
+            (signals.task_postrun, self.on_postrun),
+        )
+        for signal, hook in hooks:
+            signal.connect(hook, weak=False)
+        try:
+            yield self
+        finally:
+            for signal, hook in hooks:
+                signal.disconnect(hook)
+
+
+@dataclass
+class Sample:
+    """One variant's measurement in one round."""
+
+    variant: str
+    tasks: int
+    seconds: float
+    succeeded: int
+    counters: dict[str, int]
+    commandstats: dict[str, int]
+    store_keys: int
+
+    @property
+    def tasks_per_s(self) -> float:
+        return self.tasks / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    tasks: int
+    rounds: int
+    warmup: int
+    concurrency: int
+    prefetch: int
+    timeout: float
+
+
+class Bench:
+    """The two servers, the app with every variant registered, and the measuring loop."""
+
+    def __init__(self, settings: Settings, variants: Sequence[str]) -> None:
+        self.settings = settings
+        self.variants = list(variants)
+        self.broker = RedisServer().start()
+        self.store = RedisServer().start()
+        self.app = Celery("bench", broker=self.broker.url(0), backend=self.broker.url(1),
+                          set_as_current=False)
+        self.app.conf.update(
+            broker_transport_options={"visibility_timeout": 3600},
+            worker_prefetch_multiplier=settings.prefetch,
+            broker_connection_retry_on_startup=True,
+            result_expires=600,
+        )
+        rt.install(self.app, redis_url=self.store.url(0),
+                   redis_options={"connection_class": CountingConnection})
+        self.tasks = {name: VARIANTS[name](self.app) for name in self.variants}
+        self.app.finalize()
+        self.store_admin = self.store.client()
+        self.results_admin = self.broker.client(1)
+        self._next_n = 0
+
+    def close(self) -> None:
+        self.store_admin.close()
+        self.results_admin.close()
+        self.app.close()
+        self.broker.stop()
+        self.store.stop()
+
+    def _publish(self, task: Task, count: int) -> None:
+        with self.app.producer_or_acquire() as producer:
+            for n in range(self._next_n, self._next_n + count):
+                task.apply_async((n,), producer=producer)
+        self._next_n += count
+
+    def measure(self, variant: str, count: int) -> Sample:
+        """Pre-publish ``count`` tasks, then let a fresh worker drain them."""
+        task = self.tasks[variant]
+        self.store_admin.flushdb()
+        self.results_admin.flushdb()
+        self._publish(task, count)
+        self.store_admin.config_resetstat()
+        COUNTERS.take()
+        window = Window(task.name, count)
+        with window.listening(), in_process_worker(
+            self.app, pool="threads", concurrency=self.settings.concurrency
+        ):
+            if not window.done.wait(self.settings.timeout):
+                raise TimeoutError(f"{variant}: {window.finished}/{count} tasks finished")
+        counters = COUNTERS.take()
+        stats = self.store_admin.info("commandstats")
+        calls = {
+            name.removeprefix("cmdstat_"): int(value["calls"])
+            for name, value in stats.items()
+            if name.removeprefix("cmdstat_") not in ADMIN_COMMANDS
+        }
+        assert window.first is not None
+        return Sample(
+            variant=variant,
+            tasks=count,
+            seconds=window.last - window.first,
+            succeeded=window.succeeded,
+            counters=counters,
+            commandstats=calls,
+            store_keys=int(self.store_admin.dbsize()),
+        )
+
+    def run(self) -> list[Sample]:
+        """A discarded warm-up pass, then ``rounds`` interleaved rounds, order rotated."""
+        with instrument_store():
+            for variant in self.variants:
+                self.measure(variant, self.settings.warmup)
+            samples = []
+            for index in range(self.settings.rounds):
+                shift = index % len(self.variants)
+                for variant in self.variants[shift:] + self.variants[:shift]:
+                    samples.append(self.measure(variant, self.settings.tasks))
+        return samples
+
+
+def summarize(samples: Sequence[Sample], settings: Settings) -> list[dict[str, Any]]:
+    """One row per variant: median throughput, paired ratio to plain, per-task counts."""
+    order = list(dict.fromkeys(s.variant for s in samples))
+    by_variant = {v: [s for s in samples if s.variant == v] for v in order}
+    plain = by_variant.get("plain")
+    rows = []
+    for variant, runs in by_variant.items():
+        total = sum(s.tasks for s in runs)
+        rates = [s.tasks_per_s for s in runs]
+
+        def per_task(values: Sequence[int], total: int = total) -> float:
+            return round(sum(values) / total, 3)
+
+        ratio = None
+        if plain is not None:
+            ratio = round(statistics.median(
+                s.tasks_per_s / p.tasks_per_s for s, p in zip(runs, plain, strict=True)), 3)
+        roundtrips = per_task([s.counters.get("wire", 0) for s in runs])
+        row: dict[str, Any] = {
+            "variant": variant,
+            "tasks_per_s": round(statistics.median(rates), 1),
+            "tasks_per_s_min": round(min(rates), 1),
+            "tasks_per_s_max": round(max(rates), 1),
+            "ratio_vs_plain": ratio,
+            "redis_roundtrips_per_task": roundtrips,
+            "store_pipelines_per_task": per_task([s.counters.get("pipelines", 0) for s in runs]),
+            "store_ops_per_task": per_task([s.counters.get("ops", 0) for s in runs]),
+            "evalsha_per_task": per_task([s.commandstats.get("evalsha", 0) for s in runs]),
+            "commands_per_task": per_task([sum(s.commandstats.values()) for s in runs]),
+            "store_keys_per_task": per_task([s.store_keys for s in runs]),
+            "succeeded": sum(s.succeeded for s in runs),
+            "tasks": total,
+            "rounds": len(runs),
+            "concurrency": settings.concurrency,
+            "prefetch": settings.prefetch,
+        }
+        target = TARGETS.get(variant)
+        if target is not None and ratio is not None:
+            row["target_met"] = ratio >= target[0] and roundtrips <= target[1]
+        rows.append(row)
+    return rows
+
+
+COLUMNS = (
+    ("variant", "variant"),
+    ("tasks_per_s", "tasks/s"),
+    ("ratio_vs_plain", "vs plain"),
+    ("redis_roundtrips_per_task", "round trips/task"),
+    ("store_pipelines_per_task", "pipelines/task"),
+    ("evalsha_per_task", "EVALSHA/task"),
+    ("commands_per_task", "commands/task"),
+    ("succeeded", "ok"),
+    ("target_met", "target met"),
+)
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """A plain-text table for people; ``--json`` is for machines."""
+    cells = [[title for _, title in COLUMNS]]
+    for row in rows:
+        cells.append(["-" if row.get(key) is None else str(row[key]) for key, _ in COLUMNS])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in
+                       enumerate(zip(line, widths, strict=True))) for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", type=int, default=2000, help="tasks per variant per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--warmup", type=int, default=200, help="discarded tasks per variant")
+    parser.add_argument("--concurrency", type=int, default=4, help="worker threads")
+    parser.add_argument("--prefetch", type=int, default=4, help="worker_prefetch_multiplier")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per measurement")
+    parser.add_argument("--json", action="store_true", help="one JSON object per variant per line")
+    args = parser.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s): {', '.join(unknown)}")
+    if min(args.tasks, args.rounds, args.warmup, args.concurrency, args.prefetch) < 1:
+        parser.error("--tasks, --rounds, --warmup, --concurrency and --prefetch must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse(argv)
+    settings = Settings(tasks=args.tasks, rounds=args.rounds, warmup=args.warmup,
+                        concurrency=args.concurrency, prefetch=args.prefetch,
+                        timeout=args.timeout)
+    bench = Bench(settings, args.variants.split(","))
+    try:
+        rows = summarize(bench.run(), settings)
+    finally:
+        bench.close()
+    if args.json:
+        for row in rows:
+            print(json.dumps(row), flush=True)
+    else:
+        print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

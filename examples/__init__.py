@@ -1,0 +1,1 @@
+"""Runnable examples: a flaky payments service (``downstream``) and ``make demo`` (``demo``)."""

@@ -1,0 +1,184 @@
+"""Idempotency with a real worker: replays, conflicts, in-flight duplicates, retries."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+
+import pytest
+from celery import Celery
+
+import resilient_tasks as rt
+from resilient_tasks.testing import in_process_worker
+
+
+def test_duplicate_publish_replays_the_stored_result(app: Celery) -> None:
+    effects: Counter[int] = Counter()
+
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+        idempotency=rt.IdempotencyPolicy(key=("order_id",), ttl=600),
+    ))
+    def charge(self: rt.ResilientTask, order_id: int, amount: int) -> dict[str, int]:
+        effects[order_id] += 1
+        return {"order_id": order_id, "charged": amount, "token": self.idempotency.token}
+
+    with in_process_worker(app, concurrency=1):
+        first = charge.delay(1, 50).get(timeout=20)
+        second = charge.delay(1, 50).get(timeout=20)
+    assert effects == {1: 1}
+    assert first == second == {"order_id": 1, "charged": 50, "token": 1}
+
+
+def test_same_key_different_arguments_is_a_conflict(app: Celery) -> None:
+    effects: list[int] = []
+
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+        idempotency=rt.IdempotencyPolicy(key=("order_id",)),
+    ))
+    def charge(self: rt.ResilientTask, order_id: int, amount: int) -> int:
+        effects.append(amount)
+        return amount
+
+    with in_process_worker(app, concurrency=1):
+        assert charge.delay(7, 10).get(timeout=20) == 10
+        with pytest.raises(rt.IdempotencyConflict, match="different arguments"):
+            charge.delay(7, 99).get(timeout=20)
+    assert effects == [10]
+
+
+def test_in_flight_duplicate_is_deferred_then_replayed(app: Celery) -> None:
+    started = threading.Event()
+    effects: list[float] = []
+
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+        idempotency=rt.IdempotencyPolicy(key=("order_id",), lease=1.0),
+    ))
+    def slow(self: rt.ResilientTask, order_id: int) -> str:
+        effects.append(time.monotonic())
+        started.set()
+        time.sleep(2.0)  # longer than the lease: the heartbeat must keep it alive
+        self.idempotency.check()
+        return f"done-{order_id}"
+
+    with in_process_worker(app, concurrency=2):
+        first = slow.delay(3)
+        assert started.wait(10)
+        duplicate = slow.delay(3)
+        assert duplicate.get(timeout=30) == "done-3"
+        assert first.get(timeout=30) == "done-3"
+    assert len(effects) == 1
+
+
+def test_drop_mode_reports_the_duplicate_without_running(app: Celery) -> None:
+    started = threading.Event()
+    release = threading.Event()
+    effects: list[int] = []
+
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+        idempotency=rt.IdempotencyPolicy(key=("order_id",), lease=5, on_duplicate="drop"),
+    ))
+    def job(self: rt.ResilientTask, order_id: int) -> int:
+        effects.append(order_id)
+        started.set()
+        release.wait(10)
+        return order_id
+
+    with in_process_worker(app, concurrency=2):
+        first = job.delay(4)
+        assert started.wait(10)
+        with pytest.raises(rt.DuplicateInFlight, match="dropped"):
+            job.delay(4).get(timeout=20)
+        release.set()
+        assert first.get(timeout=20) == 4
+    assert effects == [4]
+
+
+def test_a_retry_of_the_owner_is_not_a_duplicate_of_itself(app: Celery) -> None:
+    tokens: list[int] = []
+
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+        idempotency=rt.IdempotencyPolicy(key=("order_id",), lease=30),
+        retry=rt.RetryPolicy(max_retries=3, base=0.01, cap=0.02),
+    ))
+    def flaky(self: rt.ResilientTask, order_id: int) -> list[int]:
+        tokens.append(self.idempotency.token)
+        if len(tokens) < 3:
+            raise ConnectionError("reset")
+        return tokens
+
+    with in_process_worker(app, concurrency=1):
+        assert flaky.delay(9).get(timeout=20) == [1, 2, 3]
+        # ...and once done, a new publish replays instead of running.
+        assert flaky.delay(9).get(timeout=20) == [1, 2, 3]
+    assert tokens == [1, 2, 3], "fencing tokens strictly increase per key"
+
+
+def test_failure_releases_the_claim_for_a_later_run(app: Celery) -> None:
+    runs: list[int] = []
+
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+        idempotency=rt.IdempotencyPolicy(key=("order_id",), lease=30),
+    ))
+    def once_broken(self: rt.ResilientTask, order_id: int) -> int:
+        runs.append(self.idempotency.token)
+        if len(runs) == 1:
+            raise ValueError("bad data, fixed upstream later")
+        return order_id
+
+    with in_process_worker(app, concurrency=1):
+        with pytest.raises(ValueError):
+            once_broken.delay(5).get(timeout=20)
+        assert once_broken.delay(5).get(timeout=20) == 5
+    assert runs == [1, 2]
+
+
+def test_message_key_dedups_redelivery_of_the_same_task_id(app: Celery) -> None:
+    effects: list[str] = []
+
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+        idempotency=rt.IdempotencyPolicy(key="message"),
+    ))
+    def once(self: rt.ResilientTask) -> str:
+        effects.append(self.request.id)
+        return "ok"
+
+    with in_process_worker(app, concurrency=1):
+        assert once.apply_async(task_id="fixed-id").get(timeout=20) == "ok"
+        assert once.apply_async(task_id="fixed-id").get(timeout=20) == "ok"
+        assert once.apply_async(task_id="other-id").get(timeout=20) == "ok"
+    assert effects == ["fixed-id", "other-id"]
+
+
+def test_bad_key_fails_that_task_alone(app: Celery) -> None:
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+        idempotency=rt.IdempotencyPolicy(key="{customer}"),
+    ))
+    def keyed(self: rt.ResilientTask, customer: str) -> str:
+        return customer
+
+    with in_process_worker(app, concurrency=1):
+        with pytest.raises(rt.IdempotencyKeyError, match="limit"):
+            keyed.delay("x" * 5000).get(timeout=20)
+        assert keyed.delay("fine").get(timeout=20) == "fine"
+
+
+def test_store_down_fails_closed_and_never_runs_unguarded(rt_redis_flushed: object) -> None:
+    from tests.conftest import make_app
+    from resilient_tasks.testing import free_port
+
+    app = make_app(rt_redis_flushed)  # type: ignore[arg-type]
+    rt.install(app, redis_url=f"redis://127.0.0.1:{free_port()}/1", redis_options={})
+    runs: list[int] = []
+
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+        deadline=2.0, idempotency=rt.IdempotencyPolicy(key=("n",)),
+    ))
+    def guarded(self: rt.ResilientTask, n: int) -> int:
+        runs.append(n)
+        return n
+
+    with in_process_worker(app, concurrency=1):
+        with pytest.raises(rt.DeadlineExceeded):
+            guarded.delay(1).get(timeout=30)
+    assert runs == []

@@ -1,0 +1,112 @@
+"""The Redis store against a real redis-server: script semantics, TTLs, NOSCRIPT."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from resilient_tasks.errors import StoreUnavailable
+from resilient_tasks.store import Op, RedisStore
+from resilient_tasks.testing import RedisServer, free_port
+
+T0 = 1_000_000_000_000  # an injected clock, in ms
+
+
+@pytest.fixture
+def store(rt_redis_flushed: RedisServer) -> Iterator[RedisStore]:
+    s = RedisStore(rt_redis_flushed.url(1), prefix="rt")
+    yield s
+    s.close()
+
+
+def claim(store: RedisStore, key: str, owner: str, *, now: int, lease: int = 1000,
+          fp: str = "fp", handoff: str = "") -> list[object]:
+    (answer,) = store.run([Op("claim", (key,), (owner, lease, 60_000, fp, "tid", now, handoff))])
+    return [a.decode() if isinstance(a, bytes) else a for a in answer]
+
+
+def test_claim_complete_replay(store: RedisStore) -> None:
+    key = store.key("idem", "k1")
+    assert claim(store, key, "a", now=T0) == ["claimed", 1]
+    assert store.run([Op("complete", (key,), ("a", 1, '{"ok": 1}', 60_000, T0 + 10))]) == [[1]]
+    assert claim(store, key, "b", now=T0 + 20) == ["done", 1, '{"ok": 1}', T0 + 10, T0 + 20]
+
+
+def test_live_claim_is_in_flight_then_expired_lease_is_taken_over(store: RedisStore) -> None:
+    key = store.key("idem", "k2")
+    claim(store, key, "a", now=T0, lease=1000)
+    assert claim(store, key, "b", now=T0 + 400) == ["in_flight", 1, 600]
+    assert claim(store, key, "b", now=T0 + 1001) == ["claimed", 2]
+    # The stale owner's completion is refused, and it learns the record's state.
+    refused = store.run([Op("complete", (key,), ("a", 1, "1", 60_000, T0 + 1100))])[0]
+    assert refused[0] == 0 and refused[1] == b"in_flight"
+    assert store.run([Op("complete", (key,), ("b", 2, "2", 60_000, T0 + 1200))]) == [[1]]
+
+
+def test_fingerprint_mismatch_is_a_conflict(store: RedisStore) -> None:
+    key = store.key("idem", "k3")
+    claim(store, key, "a", now=T0, fp="args-1")
+    assert claim(store, key, "b", now=T0 + 1, fp="args-2")[0] == "conflict"
+
+
+def test_release_lets_the_next_claim_run_with_a_higher_token(store: RedisStore) -> None:
+    key = store.key("idem", "k4")
+    claim(store, key, "a", now=T0)
+    assert store.run([Op("release", (key,), ("a", 1, 60_000))]) == [1]
+    assert store.run([Op("release", (key,), ("a", 1, 60_000))]) == [0]
+    assert claim(store, key, "b", now=T0 + 1) == ["claimed", 2]
+
+
+def test_retry_hand_off_takes_over_a_live_claim(store: RedisStore) -> None:
+    key = store.key("idem", "k5")
+    claim(store, key, "first-run", now=T0, lease=60_000)
+    assert claim(store, key, "stranger", now=T0 + 1)[0] == "in_flight"
+    assert claim(store, key, "retry", now=T0 + 2, handoff="first-run") == ["claimed", 2]
+
+
+def test_renew_extends_only_our_own_lease(store: RedisStore) -> None:
+    key = store.key("idem", "k6")
+    claim(store, key, "a", now=T0, lease=1000)
+    assert store.run([Op("renew", (key,), ("a", 1, 1000, 60_000, T0 + 900))]) == [1]
+    assert claim(store, key, "b", now=T0 + 1500)[0] == "in_flight"
+    assert store.run([Op("renew", (key,), ("b", 1, 1000, 60_000, T0 + 1500))]) == [0]
+
+
+def test_every_key_written_has_a_ttl_and_the_prefix(store: RedisStore) -> None:
+    for i in range(20):
+        key = store.key("idem", f"t{i}")
+        claim(store, key, "a", now=T0)
+        if i % 3 == 0:
+            store.run([Op("complete", (key,), ("a", 1, "null", 5_000, T0))])
+        elif i % 3 == 1:
+            store.run([Op("release", (key,), ("a", 1, 5_000))])
+    keys = list(store.client.scan_iter("*"))
+    assert len(keys) == 20
+    for key in keys:
+        assert key.startswith(b"rt:idem:{")
+        assert store.client.pttl(key) > 0
+
+
+def test_noscript_after_script_flush_is_recovered(store: RedisStore) -> None:
+    key = store.key("idem", "k7")
+    claim(store, key, "a", now=T0)
+    store.client.script_flush()
+    # One batch of several scripts: all recovered, none run twice.
+    answers = store.run([
+        Op("complete", (key,), ("a", 1, "7", 60_000, T0)),
+        Op("claim", (store.key("idem", "k8"),), ("b", 1000, 60_000, "", "t", T0, "")),
+    ])
+    assert answers[0] == [1]
+    assert answers[1] == [b"claimed", 1]
+
+
+def test_unreachable_redis_is_store_unavailable() -> None:
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", socket_timeout=0.5)
+    with pytest.raises(StoreUnavailable, match="failed"):
+        store.run([Op("forget", ("rt:idem:{x}",), ())])
+
+
+def test_hostile_prefix_is_refused() -> None:
+    with pytest.raises(ValueError, match="prefix"):
+        RedisStore("redis://127.0.0.1:1/0", prefix="a{b}")
