@@ -29,9 +29,7 @@ PREV_DELAY_HEADER = "rt_prev_delay"
 DEFERRALS_HEADER = "rt_deferrals"
 
 current_call: contextvars.ContextVar[Call | None] = contextvars.ContextVar("rt_call", default=None)
-current_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "rt_deadline", default=None
-)
+current_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("rt_deadline", default=None)
 
 
 @dataclass

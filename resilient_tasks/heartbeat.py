@@ -77,8 +77,11 @@ class Heartbeat:
 
     def _renew(self, leases: list[_Lease]) -> None:
         ops = [
-            Op("renew", (lease.claim.key,), (lease.claim.owner, lease.claim.token, lease.lease_ms,
-                                             lease.ttl_ms, 0))
+            Op(
+                "renew",
+                (lease.claim.key,),
+                (lease.claim.owner, lease.claim.token, lease.lease_ms, lease.ttl_ms, 0),
+            )
             for lease in leases
         ]
         now = time.monotonic()

@@ -36,7 +36,9 @@ def digest(*parts: str) -> str:
     return h.hexdigest()
 
 
-def bind_arguments(run: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+def bind_arguments(
+    run: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> dict[str, Any]:
     """Arguments by name, as ``run`` would receive them (defaults applied)."""
     try:
         bound = inspect.signature(run).bind(*args, **kwargs)

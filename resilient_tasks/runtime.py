@@ -128,9 +128,13 @@ def _largest_wait(app: Celery, tasks: list[Any]) -> tuple[float, str]:
     largest, what = 0.0, ""
     for task in tasks:
         policy = getattr(task, "policy", None)
-        if not (isinstance(task, ResilientTask) or (
-            isinstance(task, type) and issubclass(task, ResilientTask)
-        )) or policy is None:
+        if (
+            not (
+                isinstance(task, ResilientTask)
+                or (isinstance(task, type) and issubclass(task, ResilientTask))
+            )
+            or policy is None
+        ):
             continue
         name = task.name
         waits = []
@@ -156,7 +160,7 @@ def check_visibility_timeout(app: Celery, tasks: list[Any] | None = None) -> Non
     ETA or countdown beyond it runs twice (Celery issues #2599, #3270, #4400).
     """
     url = str(app.conf.broker_url or "")
-    if not url.split("://", 1)[0] in _REDIS_BROKERS:
+    if url.split("://", 1)[0] not in _REDIS_BROKERS:
         return
     options = app.conf.broker_transport_options or {}
     timeout = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))

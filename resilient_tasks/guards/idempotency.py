@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
-from kombu.utils.json import dumps, loads
+from kombu.utils import json as kombu_json
 
 from ..call import OWNER_HEADER, Call, ClaimHandle
 from ..errors import (
@@ -30,6 +31,10 @@ from . import Next
 __all__ = ["IdempotencyGuard", "lease_seconds", "record_key"]
 
 log = logging.getLogger(__name__)
+
+# kombu's JSON (datetimes, UUIDs, decimals) so replays equal what Celery would return.
+dumps = cast(Callable[[Any], str], kombu_json.dumps)
+loads = cast(Callable[[str], Any], kombu_json.loads)
 
 DEFAULT_LEASE = 60.0
 

@@ -15,7 +15,7 @@ from ..policy import matches
 from ..schedule import retry
 from . import PASS_THROUGH, Next
 
-__all__ = ["retry_guard", "retry_delay"]
+__all__ = ["retry_delay", "retry_guard"]
 
 
 def retry_delay(call: Call, exc: BaseException) -> float:

@@ -89,13 +89,13 @@ class RedisStore:
         return results
 
     def _send(self, ops: Sequence[Op]) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
+        pipe: Any = self.client.pipeline(transaction=False)
         for op in ops:
             pipe.execute_command("EVALSHA", _SHAS[op.script], len(op.keys), *op.keys, *op.args)
         return list(pipe.execute(raise_on_error=False))
 
     def _load(self, names: set[str]) -> None:
-        pipe = self.client.pipeline(transaction=False)
+        pipe: Any = self.client.pipeline(transaction=False)
         for name in sorted(names):
             pipe.execute_command("SCRIPT", "LOAD", SCRIPTS[name])
         pipe.execute()

@@ -14,11 +14,16 @@ from resilient_tasks.testing import in_process_worker
 def test_deadline_stops_retries(app: Celery) -> None:
     runs: list[float] = []
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        idempotent=True,
-        deadline=1.5,
-        retry=rt.RetryPolicy(max_retries=50, backoff="fixed", base=0.4, cap=0.4),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            idempotent=True,
+            deadline=1.5,
+            retry=rt.RetryPolicy(max_retries=50, backoff="fixed", base=0.4, cap=0.4),
+        ),
+    )
     def always_down(self: rt.ResilientTask) -> None:
         runs.append(time.time())
         raise ConnectionError("down")
@@ -40,10 +45,16 @@ def test_deadline_is_carried_in_headers_through_retries_and_into_children(app: C
         seen["child"].append(float(self.request.headers["rt_deadline"]))
         return 1.0
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        idempotent=True, deadline=30,
-        retry=rt.RetryPolicy(max_retries=3, backoff="fixed", base=0.01, cap=0.01),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            idempotent=True,
+            deadline=30,
+            retry=rt.RetryPolicy(max_retries=3, backoff="fixed", base=0.01, cap=0.01),
+        ),
+    )
     def parent(self: rt.ResilientTask) -> str:
         seen["parent"].append(float(self.request.headers["rt_deadline"]))
         if self.request.retries < 2:
@@ -81,9 +92,15 @@ def test_retry_after_hint_is_honoured(app: Celery) -> None:
 
     stamps: list[float] = []
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        idempotent=True, retry=rt.RetryPolicy(max_retries=2, base=0.01, cap=0.02),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            idempotent=True,
+            retry=rt.RetryPolicy(max_retries=2, base=0.01, cap=0.02),
+        ),
+    )
     def throttled(self: rt.ResilientTask) -> int:
         stamps.append(time.monotonic())
         if len(stamps) == 1:

@@ -16,9 +16,14 @@ from resilient_tasks.testing import in_process_worker
 def test_duplicate_publish_replays_the_stored_result(app: Celery) -> None:
     effects: Counter[int] = Counter()
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        idempotency=rt.IdempotencyPolicy(key=("order_id",), ttl=600),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            idempotency=rt.IdempotencyPolicy(key=("order_id",), ttl=600),
+        ),
+    )
     def charge(self: rt.ResilientTask, order_id: int, amount: int) -> dict[str, int]:
         effects[order_id] += 1
         return {"order_id": order_id, "charged": amount, "token": self.idempotency.token}
@@ -33,9 +38,14 @@ def test_duplicate_publish_replays_the_stored_result(app: Celery) -> None:
 def test_same_key_different_arguments_is_a_conflict(app: Celery) -> None:
     effects: list[int] = []
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        idempotency=rt.IdempotencyPolicy(key=("order_id",)),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            idempotency=rt.IdempotencyPolicy(key=("order_id",)),
+        ),
+    )
     def charge(self: rt.ResilientTask, order_id: int, amount: int) -> int:
         effects.append(amount)
         return amount
@@ -51,9 +61,14 @@ def test_in_flight_duplicate_is_deferred_then_replayed(app: Celery) -> None:
     started = threading.Event()
     effects: list[float] = []
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        idempotency=rt.IdempotencyPolicy(key=("order_id",), lease=1.0),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            idempotency=rt.IdempotencyPolicy(key=("order_id",), lease=1.0),
+        ),
+    )
     def slow(self: rt.ResilientTask, order_id: int) -> str:
         effects.append(time.monotonic())
         started.set()
@@ -75,9 +90,14 @@ def test_drop_mode_reports_the_duplicate_without_running(app: Celery) -> None:
     release = threading.Event()
     effects: list[int] = []
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        idempotency=rt.IdempotencyPolicy(key=("order_id",), lease=5, on_duplicate="drop"),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            idempotency=rt.IdempotencyPolicy(key=("order_id",), lease=5, on_duplicate="drop"),
+        ),
+    )
     def job(self: rt.ResilientTask, order_id: int) -> int:
         effects.append(order_id)
         started.set()
@@ -97,10 +117,15 @@ def test_drop_mode_reports_the_duplicate_without_running(app: Celery) -> None:
 def test_a_retry_of_the_owner_is_not_a_duplicate_of_itself(app: Celery) -> None:
     tokens: list[int] = []
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        idempotency=rt.IdempotencyPolicy(key=("order_id",), lease=30),
-        retry=rt.RetryPolicy(max_retries=3, base=0.01, cap=0.02),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            idempotency=rt.IdempotencyPolicy(key=("order_id",), lease=30),
+            retry=rt.RetryPolicy(max_retries=3, base=0.01, cap=0.02),
+        ),
+    )
     def flaky(self: rt.ResilientTask, order_id: int) -> list[int]:
         tokens.append(self.idempotency.token)
         if len(tokens) < 3:
@@ -117,9 +142,14 @@ def test_a_retry_of_the_owner_is_not_a_duplicate_of_itself(app: Celery) -> None:
 def test_failure_releases_the_claim_for_a_later_run(app: Celery) -> None:
     runs: list[int] = []
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        idempotency=rt.IdempotencyPolicy(key=("order_id",), lease=30),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            idempotency=rt.IdempotencyPolicy(key=("order_id",), lease=30),
+        ),
+    )
     def once_broken(self: rt.ResilientTask, order_id: int) -> int:
         runs.append(self.idempotency.token)
         if len(runs) == 1:
@@ -136,9 +166,14 @@ def test_failure_releases_the_claim_for_a_later_run(app: Celery) -> None:
 def test_message_key_dedups_redelivery_of_the_same_task_id(app: Celery) -> None:
     effects: list[str] = []
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        idempotency=rt.IdempotencyPolicy(key="message"),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            idempotency=rt.IdempotencyPolicy(key="message"),
+        ),
+    )
     def once(self: rt.ResilientTask) -> str:
         effects.append(self.request.id)
         return "ok"
@@ -151,9 +186,14 @@ def test_message_key_dedups_redelivery_of_the_same_task_id(app: Celery) -> None:
 
 
 def test_bad_key_fails_that_task_alone(app: Celery) -> None:
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        idempotency=rt.IdempotencyPolicy(key="{customer}"),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            idempotency=rt.IdempotencyPolicy(key="{customer}"),
+        ),
+    )
     def keyed(self: rt.ResilientTask, customer: str) -> str:
         return customer
 
@@ -164,21 +204,26 @@ def test_bad_key_fails_that_task_alone(app: Celery) -> None:
 
 
 def test_store_down_fails_closed_and_never_runs_unguarded(rt_redis_flushed: object) -> None:
-    from tests.conftest import make_app
     from resilient_tasks.testing import free_port
+    from tests.conftest import make_app
 
     app = make_app(rt_redis_flushed)  # type: ignore[arg-type]
     rt.install(app, redis_url=f"redis://127.0.0.1:{free_port()}/1", redis_options={})
     runs: list[int] = []
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        deadline=2.0, idempotency=rt.IdempotencyPolicy(key=("n",)),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            deadline=2.0,
+            idempotency=rt.IdempotencyPolicy(key=("n",)),
+        ),
+    )
     def guarded(self: rt.ResilientTask, n: int) -> int:
         runs.append(n)
         return n
 
-    with in_process_worker(app, concurrency=1):
-        with pytest.raises(rt.DeadlineExceeded):
-            guarded.delay(1).get(timeout=30)
+    with in_process_worker(app, concurrency=1), pytest.raises(rt.DeadlineExceeded):
+        guarded.delay(1).get(timeout=30)
     assert runs == []

@@ -48,7 +48,6 @@ def test_retry_policy_on_non_idempotent_task_fails_at_registration() -> None:
 
 
 def test_key_naming_a_missing_argument_fails_at_registration() -> None:
-    app = Celery("k", broker="memory://", set_as_current=False)
     with pytest.raises(rt.PolicyError, match="order_id is not an argument"):
 
         class Charge(rt.ResilientTask):
@@ -73,8 +72,11 @@ def test_visibility_timeout_below_a_retry_cap_is_refused() -> None:
     app.conf.broker_transport_options = {"visibility_timeout": 60}
     rt.install(app, redis_url="redis://127.0.0.1:1/1")
 
-    @app.task(base=rt.ResilientTask, shared=False, policy=rt.TaskPolicy(
-        idempotent=True, retry=rt.RetryPolicy(cap=600)))
+    @app.task(
+        base=rt.ResilientTask,
+        shared=False,
+        policy=rt.TaskPolicy(idempotent=True, retry=rt.RetryPolicy(cap=600)),
+    )
     def slow_retry() -> None: ...
 
     with pytest.raises(rt.PolicyError) as info:
@@ -87,8 +89,9 @@ def test_idempotency_lease_above_visibility_timeout_is_refused() -> None:
     app = Celery("l", broker="redis://127.0.0.1:1/0", set_as_current=False)
     app.conf.broker_transport_options = {"visibility_timeout": 100}
 
-    @app.task(base=rt.ResilientTask, shared=False, policy=rt.TaskPolicy(
-        idempotency=rt.IdempotencyPolicy(lease=300)))
+    @app.task(
+        base=rt.ResilientTask, shared=False, policy=rt.TaskPolicy(idempotency=rt.IdempotencyPolicy(lease=300))
+    )
     def long_job() -> None: ...
 
     with pytest.raises(rt.PolicyError, match="IdempotencyPolicy.lease"):
@@ -98,8 +101,11 @@ def test_idempotency_lease_above_visibility_timeout_is_refused() -> None:
 def test_non_redis_broker_skips_the_visibility_check() -> None:
     app = Celery("a", broker="amqp://guest@127.0.0.1//", set_as_current=False)
 
-    @app.task(base=rt.ResilientTask, shared=False, policy=rt.TaskPolicy(
-        idempotent=True, retry=rt.RetryPolicy(cap=7200)))
+    @app.task(
+        base=rt.ResilientTask,
+        shared=False,
+        policy=rt.TaskPolicy(idempotent=True, retry=rt.RetryPolicy(cap=7200)),
+    )
     def job() -> None: ...
 
     app.finalize()

@@ -15,10 +15,15 @@ def test_fails_twice_then_succeeds_runs_exactly_three_times(app: Celery) -> None
     runs: list[int] = []
     lock = threading.Lock()
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        idempotent=True,
-        retry=rt.RetryPolicy(max_retries=5, base=0.01, cap=0.05),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            idempotent=True,
+            retry=rt.RetryPolicy(max_retries=5, base=0.01, cap=0.05),
+        ),
+    )
     def flaky(self: rt.ResilientTask, x: int) -> int:
         with lock:
             runs.append(self.request.retries)
@@ -34,10 +39,15 @@ def test_fails_twice_then_succeeds_runs_exactly_three_times(app: Celery) -> None
 def test_non_retryable_exception_is_not_retried(app: Celery) -> None:
     runs: list[int] = []
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        idempotent=True,
-        retry=rt.RetryPolicy(max_retries=5, base=0.01, cap=0.05, retry_on=(ConnectionError,)),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            idempotent=True,
+            retry=rt.RetryPolicy(max_retries=5, base=0.01, cap=0.05, retry_on=(ConnectionError,)),
+        ),
+    )
     def broken(self: rt.ResilientTask) -> None:
         runs.append(self.request.retries)
         raise ValueError("bad payload")

@@ -20,8 +20,9 @@ def store(rt_redis_flushed: RedisServer) -> Iterator[RedisStore]:
     s.close()
 
 
-def claim(store: RedisStore, key: str, owner: str, *, now: int, lease: int = 1000,
-          fp: str = "fp", handoff: str = "") -> list[object]:
+def claim(
+    store: RedisStore, key: str, owner: str, *, now: int, lease: int = 1000, fp: str = "fp", handoff: str = ""
+) -> list[object]:
     (answer,) = store.run([Op("claim", (key,), (owner, lease, 60_000, fp, "tid", now, handoff))])
     return [a.decode() if isinstance(a, bytes) else a for a in answer]
 
@@ -93,10 +94,12 @@ def test_noscript_after_script_flush_is_recovered(store: RedisStore) -> None:
     claim(store, key, "a", now=T0)
     store.client.script_flush()
     # One batch of several scripts: all recovered, none run twice.
-    answers = store.run([
-        Op("complete", (key,), ("a", 1, "7", 60_000, T0)),
-        Op("claim", (store.key("idem", "k8"),), ("b", 1000, 60_000, "", "t", T0, "")),
-    ])
+    answers = store.run(
+        [
+            Op("complete", (key,), ("a", 1, "7", 60_000, T0)),
+            Op("claim", (store.key("idem", "k8"),), ("b", 1000, 60_000, "", "t", T0, "")),
+        ]
+    )
     assert answers[0] == [1]
     assert answers[1] == [b"claimed", 1]
 

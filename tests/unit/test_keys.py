@@ -44,13 +44,20 @@ def test_unusable_keys_are_clear_task_errors(spec: Any, args: tuple[Any, ...], m
 
 
 def test_fingerprint_ignores_call_style_but_not_values() -> None:
-    assert fingerprint(charge, (1, "c", 5), {}) == fingerprint(charge, (1,), {"customer_id": "c", "amount": 5})
+    assert fingerprint(charge, (1, "c", 5), {}) == fingerprint(
+        charge, (1,), {"customer_id": "c", "amount": 5}
+    )
     assert fingerprint(charge, (1, "c", 5), {}) != fingerprint(charge, (1, "c", 6), {})
 
 
 hostile = st.one_of(
-    st.just(""), st.just("\0"), st.just("\r\n"), st.just("*?[]"), st.just("{tag}"),
-    st.text(min_size=0, max_size=200), st.binary(max_size=64).map(lambda b: b.decode("latin-1")),
+    st.just(""),
+    st.just("\0"),
+    st.just("\r\n"),
+    st.just("*?[]"),
+    st.just("{tag}"),
+    st.text(min_size=0, max_size=200),
+    st.binary(max_size=64).map(lambda b: b.decode("latin-1")),
 )
 
 
