@@ -224,7 +224,9 @@ def set_failure_rate(base_url: str, failure_rate: float, timeout: float = 5.0) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m examples.downstream", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.downstream", description="A flaky payments service on loopback."
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8099)
     parser.add_argument("--failure-rate", type=float, default=DEFAULT_FAILURE_RATE)
@@ -233,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     server = _Server((args.host, args.port), Ledger(args.failure_rate, args.seed))
     # SIGTERM ends serve_forever from another thread (shutdown() blocks in the serving one).
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
-    host, port = server.server_address[:2]
-    print(f"downstream listening on http://{host}:{port} (failure rate {args.failure_rate})", flush=True)
+    url = f"http://{args.host}:{server.server_port}"
+    print(f"downstream listening on {url} (failure rate {args.failure_rate})", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -41,7 +41,7 @@ app.conf.update(
 rt.install(app, redis_url=STORE_URL)
 
 
-@app.task(
+@app.task(  # type: ignore[untyped-decorator]  # Celery ships no type hints
     base=rt.ResilientTask,
     bind=True,
     name="workers.app.charge",
