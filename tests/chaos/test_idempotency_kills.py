@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-import redis
 from celery import Celery
 
 from resilient_tasks.testing import RedisServer, SubprocessWorker, wait_until
