@@ -245,6 +245,7 @@ class Bench:
         self.store_admin = self.store.client()
         self.results_admin = self.broker.client(1)
         self._next_n = 0
+        self.verbose = False
 
     def close(self) -> None:
         self.store_admin.close()
@@ -300,7 +301,11 @@ class Bench:
             for index in range(self.settings.rounds):
                 shift = index % len(self.variants)
                 for variant in self.variants[shift:] + self.variants[:shift]:
-                    samples.append(self.measure(variant, self.settings.tasks))
+                    sample = self.measure(variant, self.settings.tasks)
+                    samples.append(sample)
+                    if self.verbose:
+                        print(f"round {index + 1} {variant:<14} {sample.tasks_per_s:8.1f} tasks/s "
+                              f"{sample.counters}", file=sys.stderr, flush=True)
         return samples
 
 

@@ -16,6 +16,7 @@ from .errors import ClaimLost
 from .store.base import Op
 
 if TYPE_CHECKING:
+    from .breaker import Admission
     from .policy import TaskPolicy
     from .runtime import Runtime
     from .task import ResilientTask
@@ -66,6 +67,13 @@ class Call:
     outcome: dict[str, Any] = field(default_factory=dict)
     end_ops: list[tuple[Op, EndCallback | None]] = field(default_factory=list)
     preparers: tuple[Any, ...] = ()
+    entered: set[int] = field(default_factory=set)
+    body_ran: bool = False
+    body_error: BaseException | None = None
+    body_seconds: float | None = None
+    breaker_owner: str = ""
+    breaker_local: bool = False
+    admission: Admission | None = None
     has_result: bool = False
     result: Any = None
     _begun: dict[int, list[Any]] | None = None
@@ -83,6 +91,10 @@ class Call:
                 self._begun[id(g)] = answers[start : start + len(ops)]
                 start += len(ops)
         return self._begun.get(id(guard), [])
+
+    def begun_by(self, guard: Any) -> bool:
+        """True when ``guard``'s ``begin`` ops ran (it may hold something to give back)."""
+        return self._begun is not None and bool(self._begun.get(id(guard)))
 
     def replace_result(self, value: Any) -> None:
         """Return ``value`` instead of the body's result (a lost claim defers to the winner)."""

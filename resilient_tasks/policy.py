@@ -22,6 +22,7 @@ __all__ = [
     "FallbackPolicy",
     "IdempotencyPolicy",
     "KeySpec",
+    "RetryBudget",
     "RetryPolicy",
     "TaskPolicy",
     "matches",
@@ -115,6 +116,25 @@ def _set(obj: object, name: str, value: Any) -> None:
 
 
 @dataclass(frozen=True)
+class RetryBudget:
+    """Fleet-wide cap on retries to one downstream (Envoy retry budgets, SRE book).
+
+    Over the breaker's sliding window, retries may not exceed ``ratio`` x first attempts
+    plus ``min_per_window``: a sick service sees at most 20 % extra load from retries.
+    """
+
+    ratio: float = 0.2
+    min_per_window: int = 10
+
+    def __post_init__(self) -> None:
+        owner = "RetryBudget"
+        _number(owner, "ratio", self.ratio)
+        if self.ratio < 0:
+            raise PolicyError(f"{owner}.ratio", f"must be >= 0, got {self.ratio!r}")
+        _integer(owner, "min_per_window", self.min_per_window, minimum=0)
+
+
+@dataclass(frozen=True)
 class RetryPolicy:
     """Celery-native retries with jittered backoff; only for idempotent work."""
 
@@ -123,9 +143,12 @@ class RetryPolicy:
     base: float = 1.0
     cap: float = 60.0
     retry_on: ExceptionMatcher = DEFAULT_RETRY_ON
+    budget: RetryBudget | None = RetryBudget()
 
     def __post_init__(self) -> None:
         owner = "RetryPolicy"
+        if self.budget is not None and not isinstance(self.budget, RetryBudget):
+            raise PolicyError(f"{owner}.budget", f"must be a RetryBudget or None, got {self.budget!r}")
         _integer(owner, "max_retries", self.max_retries, minimum=0)
         if isinstance(self.backoff, str):
             _choice(owner, "backoff", self.backoff, tuple(STRATEGIES))

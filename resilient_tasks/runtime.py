@@ -9,6 +9,7 @@ import logging
 import os
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 from functools import cached_property
@@ -16,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
+from .breaker import LocalBreaker
 from .call import DEADLINE_HEADER, current_deadline
 from .errors import PolicyError
 from .heartbeat import Heartbeat
+from .policy import BreakerPolicy
 from .store.base import Store
 from .store.redis import RedisStore
 
@@ -37,6 +40,7 @@ _RUNTIMES: weakref.WeakKeyDictionary[Any, Runtime] = weakref.WeakKeyDictionary()
 _PICKLE = {"pickle", "application/x-python-serialize"}
 _REDIS_BROKERS = ("redis", "rediss", "sentinel", "redis+socket")
 DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+DEFAULT_BREAKER = BreakerPolicy()
 
 
 class Runtime:
@@ -62,6 +66,25 @@ class Runtime:
         self._store = store
         self._store_pid = os.getpid() if store is not None else -1
         self.heartbeat = Heartbeat(lambda: self.store)
+        self.counters: Counter[tuple[str, str]] = Counter()
+        self._local_breakers: dict[str, LocalBreaker] = {}
+        #: Set by the fallback guard's module: serves a fallback for a refused call.
+        self.fallback_server: Callable[[Any, BaseException], Any] | None = None
+
+    def count(self, event: str, downstream: str = "") -> None:
+        """Count an outcome in this process (exported by the telemetry layer)."""
+        self.counters[(event, downstream)] += 1
+
+    def breaker_policy(self, name: str, task_policy: TaskPolicy) -> BreakerPolicy:
+        """The breaker policy for ``name``: the task's own, else the default."""
+        return task_policy.breaker or DEFAULT_BREAKER
+
+    def local_breaker(self, name: str, policy: BreakerPolicy) -> LocalBreaker:
+        """This process's stand-in for ``name`` while Redis is unreachable (fail-open)."""
+        breaker = self._local_breakers.get(name)
+        if breaker is None or breaker.policy != policy:
+            breaker = self._local_breakers[name] = LocalBreaker(policy)
+        return breaker
 
     @property
     def store(self) -> Store:
@@ -144,8 +167,9 @@ def _largest_wait(app: Celery, tasks: list[Any]) -> tuple[float, str]:
             limit = task.time_limit or app.conf.task_time_limit
             lease = policy.idempotency.lease or (float(limit) if limit else DEFAULT_LEASE)
             waits.append((lease, f"{name}: IdempotencyPolicy.lease"))
-        if policy.breaker is not None:
-            longest_open = policy.breaker.open_for_max or policy.breaker.open_for
+        if policy.breaker is not None or policy.downstream is not None:
+            breaker = policy.breaker or DEFAULT_BREAKER
+            longest_open = breaker.open_for_max or breaker.open_for
             waits.append((longest_open, f"{name}: BreakerPolicy.open_for"))
         for value, label in waits:
             if value > largest:

@@ -19,6 +19,7 @@ from celery import Task
 from .call import DEADLINE_HEADER, Call, ClaimHandle, current_call
 from .errors import PolicyError, StoreUnavailable
 from .guards import run_chain
+from .guards.breaker import BreakerGuard
 from .guards.deadline import deadline_guard
 from .guards.idempotency import IdempotencyGuard
 from .guards.retry import retry_guard
@@ -30,6 +31,7 @@ __all__ = ["ResilientTask", "guards_for"]
 log = logging.getLogger(__name__)
 
 _IDEMPOTENCY = IdempotencyGuard()
+_BREAKER = BreakerGuard()
 
 
 @lru_cache(maxsize=256)
@@ -38,6 +40,8 @@ def guards_for(policy: TaskPolicy) -> tuple[Callable[..., Any], ...]:
     chain: list[Callable[..., Any]] = [deadline_guard]
     if policy.idempotency is not None:
         chain.append(_IDEMPOTENCY)
+    if policy.downstream is not None or policy.breaker is not None:
+        chain.append(_BREAKER)
     if policy.retry is not None:
         chain.append(retry_guard)
     return tuple(chain)
@@ -114,7 +118,7 @@ class ResilientTask(Task):  # type: ignore[misc]
         call.preparers = tuple(g for g in guards if hasattr(g, "prepare"))
         token = current_call.set(call)
         try:
-            result = run_chain(guards, call, lambda c: self.run(*c.args, **c.kwargs))
+            result = run_chain(guards, call, _body)
         except BaseException:
             _finish(call, failed=True)
             raise
@@ -122,6 +126,19 @@ class ResilientTask(Task):  # type: ignore[misc]
             current_call.reset(token)
         _finish(call, failed=False)
         return call.result if call.has_result else result
+
+
+def _body(call: Call) -> Any:
+    """The task's own ``run``, timed, its exception noted for the breaker."""
+    call.body_ran = True
+    started = time.monotonic()
+    try:
+        return call.task.run(*call.args, **call.kwargs)
+    except BaseException as exc:
+        call.body_error = exc
+        raise
+    finally:
+        call.body_seconds = time.monotonic() - started
 
 
 def _deadline(headers: dict[str, Any], request: Any, policy: TaskPolicy, now: float) -> float | None:
@@ -139,6 +156,9 @@ def _deadline(headers: dict[str, Any], request: Any, policy: TaskPolicy, now: fl
 
 def _finish(call: Call, *, failed: bool) -> None:
     """Send every queued write in one round trip, then let the guards read the answers."""
+    for guard in call.preparers:
+        if id(guard) not in call.entered and call.begun_by(guard):
+            call.end_ops.extend((op, None) for op in guard.abandon(call))
     if not call.end_ops:
         return
     ops = [op for op, _ in call.end_ops]

@@ -1,7 +1,8 @@
 """The guard pipeline: plain callables ``(call, next) -> result`` run in order.
 
-A guard may also have ``prepare(call) -> list[Op]`` to add reads to the single ``begin``
-round trip, and ``accept(call, results)`` to see their answers before the chain runs.
+A guard may also have ``prepare(call) -> list[Op]`` to add its reads to the single
+``begin`` round trip (answers via ``call.begin(guard)``), and ``abandon(call) -> list[Op]``
+to undo what ``begin`` took when an earlier guard ended the call before it ran.
 Guards let Celery's ``Retry``, ``Ignore`` and ``Reject`` pass through untouched.
 """
 
@@ -25,7 +26,7 @@ class Guard(Protocol):
 class Preparing(Protocol):
     def prepare(self, call: Call) -> list[Op]: ...
 
-    def accept(self, call: Call, results: list[Any]) -> None: ...
+    def abandon(self, call: Call) -> list[Op]: ...
 
 
 def run_chain(guards: Sequence[Guard], call: Call, body: Next) -> Any:
@@ -36,7 +37,12 @@ def run_chain(guards: Sequence[Guard], call: Call, body: Next) -> Any:
             return body
         guard = guards[index]
         following = step(index + 1)
-        return lambda c: guard(c, following)
+
+        def enter(c: Call) -> Any:
+            c.entered.add(id(guard))
+            return guard(c, following)
+
+        return enter
 
     return step(0)(call)
 

@@ -74,6 +74,13 @@ class IdempotencyGuard:
             )
         ]
 
+    def abandon(self, call: Call) -> list[Op]:
+        """Never entered after claiming (an earlier guard stopped the call): give it back."""
+        claim, policy = call.claim, call.policy.idempotency
+        if claim is None or policy is None or claim.token == 0:
+            return []
+        return [Op("release", (claim.key,), (claim.owner, claim.token, int(policy.ttl * 1000)))]
+
     def __call__(self, call: Call, next: Next) -> Any:
         policy = call.policy.idempotency
         assert policy is not None

@@ -1,16 +1,20 @@
 """Retry guard: jittered, Celery-native retries for the exceptions the policy names.
 
-Costs no Redis round trip; the previous delay rides in a header for decorrelated jitter,
+A retry costs no Redis round trip unless the task names a downstream, whose fleet-wide
+retry budget is then spent in one script. The previous delay rides in a header for decorrelated jitter,
 and a ``retry_after`` attribute on the exception (an HTTP Retry-After) is a lower bound.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 from ..backoff import make_backoff
+from ..breaker import spend_retry_op
 from ..call import PREV_DELAY_HEADER, Call
+from ..errors import RetryBudgetExhausted, StoreUnavailable
 from ..policy import matches
 from ..schedule import retry
 from . import PASS_THROUGH, Next
@@ -43,4 +47,28 @@ def retry_guard(call: Call, next: Next) -> Any:
         if call.attempt >= policy.max_retries:
             call.outcome["retry"] = "exhausted"
             raise
-        retry(call, exc, retry_delay(call, exc), policy.max_retries)
+        delay = retry_delay(call, exc)
+        _spend_budget(call, exc)
+        retry(call, exc, delay, policy.max_retries)
+
+
+def _spend_budget(call: Call, exc: Exception) -> None:
+    """Take one retry from the downstream's fleet-wide budget, or stop retrying."""
+    policy = call.policy.retry
+    name = call.policy.downstream
+    if policy is None or policy.budget is None or name is None:
+        return
+    breaker = call.runtime.breaker_policy(name, call.policy)
+    try:
+        (answer,) = call.runtime.store.run([spend_retry_op(call.runtime.store, name, breaker, policy.budget)])
+        granted = int(answer[0]) == 1
+    except StoreUnavailable:
+        local = call.runtime.local_breaker(name, breaker)
+        granted = local.spend_retry(policy.budget, int(time.time() * 1000))
+    if not granted:
+        call.outcome["retry"] = "budget_exhausted"
+        call.runtime.count("budget_exhausted", name)
+        raise RetryBudgetExhausted(
+            f"retry budget for {name!r} is spent ({policy.budget.ratio:g} x first attempts "
+            f"+ {policy.budget.min_per_window} per window)"
+        ) from exc

@@ -1,0 +1,151 @@
+"""Breaker guard: admission in ``begin``, the outcome recorded in ``end``.
+
+A task whose downstream is open does not run and spends no retry: it is deferred to the
+half-open time plus jitter (``when_open="defer"``, bounded by ``max_deferrals`` and the
+deadline), served from fallback, or failed with ``CircuitOpen``. While Redis is
+unreachable a per-process ``LocalBreaker`` of the same policy decides (fail-open).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from typing import Any
+
+from ..breaker import Admission, admit_op, outcome_of, record_op
+from ..call import DEFERRALS_HEADER, Call
+from ..errors import CircuitOpen, StoreUnavailable
+from ..policy import BreakerPolicy, matches
+from ..schedule import defer
+from ..store.base import Op
+from . import PASS_THROUGH, Next
+
+__all__ = ["BreakerGuard", "on_open", "task_breaker"]
+
+log = logging.getLogger(__name__)
+
+
+def task_breaker(call: Call) -> tuple[str, BreakerPolicy] | None:
+    """The breaker guarding the whole body: its name and effective policy."""
+    name = call.policy.downstream
+    if name is None:
+        return None
+    return name, call.runtime.breaker_policy(name, call.policy)
+
+
+def on_open(call: Call, name: str, policy: BreakerPolicy, retry_after: float) -> Any:
+    """What a task does when ``name`` refuses it: defer, fall back, or fail."""
+    call.outcome["breaker_rejected"] = name
+    call.runtime.count("rejected_open", name)
+    rejection = CircuitOpen(name, retry_after)
+    if policy.when_open == "defer":
+        deferrals = int(call.headers.get(DEFERRALS_HEADER) or 0)
+        if deferrals < policy.max_deferrals:
+            call.runtime.count("deferred", name)
+            jitter = random.uniform(0.0, min(5.0, 0.2 * retry_after) + 0.05)
+            defer(call, retry_after + jitter, str(rejection), rejection)
+    elif policy.when_open == "fallback":
+        fallback = call.runtime.fallback_server
+        if fallback is not None:
+            return fallback(call, rejection)
+    raise rejection
+
+
+class BreakerGuard:
+    """Guards the task body with the breaker of ``TaskPolicy.downstream``."""
+
+    def prepare(self, call: Call) -> list[Op]:
+        found = task_breaker(call)
+        if found is None:
+            return []
+        name, policy = found
+        call.breaker_owner = uuid.uuid4().hex
+        return [admit_op(call.runtime.store, name, policy, call.breaker_owner)]
+
+    def abandon(self, call: Call) -> list[Op]:
+        """A replayed or deferred call frees the probe lease it was handed."""
+        admission = call.admission
+        found = task_breaker(call)
+        if admission is None or not admission.probe or found is None:
+            return []
+        name, policy = found
+        return [record_op(call.runtime.store, name, policy, call.breaker_owner, "none",
+                          probe=True, first_attempt=False)]
+
+    def __call__(self, call: Call, next: Next) -> Any:
+        found = task_breaker(call)
+        if found is None:
+            return self._inner_open(call, next)
+        name, policy = found
+        try:
+            admission = _admission(call.begin(self))
+        except StoreUnavailable as exc:
+            call.breaker_local = True
+            call.runtime.count("breaker_local", name)
+            log.warning("breaker %r: store unavailable, using the local breaker: %s", name, exc)
+            admission = call.runtime.local_breaker(name, policy).admit(
+                call.breaker_owner, int(time.time() * 1000)
+            )
+        call.admission = admission
+        call.outcome["breaker_state"] = admission.state
+        call.outcome["consecutive_failures"] = admission.consecutive_failures
+        if not admission.allowed:
+            return on_open(call, name, policy, admission.retry_after)
+        try:
+            result = self._inner_open(call, next)
+        except BaseException:
+            self._record(call, name, policy)
+            raise
+        self._record(call, name, policy)
+        return result
+
+    def _inner_open(self, call: Call, next: Next) -> Any:
+        """A ``CircuitOpen`` from ``self.downstream(...)`` in the body is handled alike."""
+        try:
+            return next(call)
+        except CircuitOpen as exc:
+            if call.body_error is not exc:
+                raise
+            policy = call.runtime.breaker_policy(exc.downstream, call.policy)
+            return on_open(call, exc.downstream, policy, exc.retry_after)
+
+    def _record(self, call: Call, name: str, policy: BreakerPolicy) -> None:
+        error = call.body_error
+        if not call.body_ran or isinstance(error, (*PASS_THROUGH, CircuitOpen)):
+            outcome = "none"
+        else:
+            failed = error is not None and matches(policy.failure_on, error)
+            outcome = outcome_of(policy, failed, call.body_seconds)
+        call.outcome["breaker_outcome"] = outcome
+        probe = call.admission is not None and call.admission.probe
+        first = call.attempt == 0
+        if call.breaker_local:
+            transitioned = call.runtime.local_breaker(name, policy).record(
+                call.breaker_owner, outcome, probe=probe, first_attempt=first,
+                now=int(time.time() * 1000),
+            )
+            if transitioned:
+                log.warning("local breaker %r changed state", name)
+            return
+        call.at_end(
+            record_op(call.runtime.store, name, policy, call.breaker_owner, outcome,
+                      probe=probe, first_attempt=first),
+            lambda answer: _recorded(call, name, answer),
+        )
+
+
+def _admission(answers: list[Any]) -> Admission:
+    from ..breaker import parse_admission
+
+    (answer,) = answers
+    return parse_admission(answer)
+
+
+def _recorded(call: Call, name: str, answer: Any) -> None:
+    state = answer[0].decode() if isinstance(answer[0], bytes) else str(answer[0])
+    if int(answer[1]):
+        call.outcome["breaker_transition"] = state
+        call.runtime.count("transition", name)
+        log.warning("breaker %r is now %s", name, state)

@@ -1,0 +1,34 @@
+-- spend_retry: take one retry from the downstream's fleet-wide budget, if any is left.
+-- Retries in the window may not exceed ratio * first attempts + min_per_window.
+-- KEYS[1] breaker hash (the budget lives beside the breaker's window)
+-- ARGV: now_ms (0 = TIME), ratio, min_per_window, window_ms, buckets, ttl_ms
+-- Returns {granted (1|0), retries_in_window, first_attempts_in_window}
+local key = KEYS[1]
+local now = tonumber(ARGV[1])
+if now == 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local ratio, floor_n = tonumber(ARGV[2]), tonumber(ARGV[3])
+local window, nb = tonumber(ARGV[4]), tonumber(ARGV[5])
+local bucket_ms = math.max(1, math.floor(window / nb))
+local idx = math.floor(now / bucket_ms)
+local attempts, retries = 0, 0
+for s = 0, nb - 1 do
+  local t = tonumber(redis.call('HGET', key, 't' .. s) or '-1')
+  if t > idx - nb then
+    attempts = attempts + (tonumber(redis.call('HGET', key, 'a' .. s)) or 0)
+    retries = retries + (tonumber(redis.call('HGET', key, 'r' .. s)) or 0)
+  end
+end
+if retries + 1 > ratio * attempts + floor_n then
+  return {0, retries, attempts}
+end
+local slot = idx % nb
+if tonumber(redis.call('HGET', key, 't' .. slot) or '-1') ~= idx then
+  redis.call('HSET', key, 't' .. slot, idx, 'c' .. slot, 0, 'f' .. slot, 0, 's' .. slot, 0,
+             'a' .. slot, 0, 'r' .. slot, 0)
+end
+redis.call('HINCRBY', key, 'r' .. slot, 1)
+redis.call('PEXPIRE', key, tonumber(ARGV[6]))
+return {1, retries + 1, attempts}
