@@ -20,6 +20,7 @@ from .policy import (
     BreakerPolicy,
     FallbackPolicy,
     IdempotencyPolicy,
+    RetryBudget,
     RetryPolicy,
     TaskPolicy,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "PolicyError",
     "ResilienceError",
     "ResilientTask",
+    "RetryBudget",
     "RetryBudgetExhausted",
     "RetryPolicy",
     "Runtime",

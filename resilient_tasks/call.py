@@ -71,6 +71,7 @@ class Call:
     body_ran: bool = False
     body_error: BaseException | None = None
     body_seconds: float | None = None
+    attributed: dict[int, str] = field(default_factory=dict)
     breaker_owner: str = ""
     breaker_local: bool = False
     admission: Admission | None = None

@@ -43,10 +43,10 @@ class PolicyError(ResilienceError, ValueError):
     def __init__(self, field: str, rule: str) -> None:
         self.field = field
         self.rule = rule
-        super().__init__(f"{field}: {rule}")
+        super().__init__(field, rule)  # args rebuild the error after a JSON round trip
 
-    def __reduce__(self) -> tuple[type[PolicyError], tuple[str, str]]:
-        return (type(self), (self.field, self.rule))
+    def __str__(self) -> str:
+        return f"{self.field}: {self.rule}"
 
 
 class CircuitOpen(ResilienceError):
@@ -54,11 +54,11 @@ class CircuitOpen(ResilienceError):
 
     def __init__(self, downstream: str, retry_after: float) -> None:
         self.downstream = downstream
-        self.retry_after = retry_after
-        super().__init__(f"circuit {downstream!r} is open; retry after {retry_after:.1f}s")
+        self.retry_after = float(retry_after)
+        super().__init__(downstream, self.retry_after)  # args survive Celery's JSON results
 
-    def __reduce__(self) -> tuple[type[CircuitOpen], tuple[str, float]]:
-        return (type(self), (self.downstream, self.retry_after))
+    def __str__(self) -> str:
+        return f"circuit {self.downstream!r} is open; retry after {self.retry_after:.1f}s"
 
 
 class DuplicateInFlight(ResilienceError):

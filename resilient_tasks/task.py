@@ -7,6 +7,7 @@ task instance, which Celery shares between every call in a process.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -16,10 +17,11 @@ from typing import Any, ClassVar
 
 from celery import Task
 
+from .breaker import Admission
 from .call import DEADLINE_HEADER, Call, ClaimHandle, current_call
 from .errors import PolicyError, StoreUnavailable
 from .guards import run_chain
-from .guards.breaker import BreakerGuard
+from .guards.breaker import BreakerGuard, downstream_call
 from .guards.deadline import deadline_guard
 from .guards.idempotency import IdempotencyGuard
 from .guards.retry import retry_guard
@@ -89,6 +91,17 @@ class ResilientTask(Task):  # type: ignore[misc]
         bound = super().bind(app)
         check_visibility_timeout(app, [cls])
         return bound
+
+    def downstream(self, name: str) -> contextlib.AbstractContextManager[Admission]:
+        """Guard one call inside the body with the fleet-wide breaker ``name``.
+
+        Raises ``CircuitOpen`` when it is open; the task then defers, falls back or fails
+        as the breaker policy says, without spending a retry.
+        """
+        call = current_call.get()
+        if call is None:
+            raise RuntimeError("self.downstream() guards calls inside a running task body")
+        return downstream_call(call, name)
 
     @property
     def idempotency(self) -> ClaimHandle:

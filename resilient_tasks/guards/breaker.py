@@ -8,13 +8,15 @@ unreachable a per-process ``LocalBreaker`` of the same policy decides (fail-open
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
-from ..breaker import Admission, admit_op, outcome_of, record_op
+from ..breaker import Admission, admit_op, outcome_of, parse_admission, record_op
 from ..call import DEFERRALS_HEADER, Call
 from ..errors import CircuitOpen, StoreUnavailable
 from ..policy import BreakerPolicy, matches
@@ -22,7 +24,7 @@ from ..schedule import defer
 from ..store.base import Op
 from . import PASS_THROUGH, Next
 
-__all__ = ["BreakerGuard", "on_open", "task_breaker"]
+__all__ = ["BreakerGuard", "downstream_call", "on_open", "task_breaker"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,8 @@ class BreakerGuard:
         error = call.body_error
         if not call.body_ran or isinstance(error, (*PASS_THROUGH, CircuitOpen)):
             outcome = "none"
+        elif error is not None and call.attributed.get(id(error), name) != name:
+            outcome = "none"  # counted on the breaker of the block that raised it
         else:
             failed = error is not None and matches(policy.failure_on, error)
             outcome = outcome_of(policy, failed, call.body_seconds)
@@ -136,9 +140,60 @@ class BreakerGuard:
         )
 
 
-def _admission(answers: list[Any]) -> Admission:
-    from ..breaker import parse_admission
+@contextlib.contextmanager
+def downstream_call(call: Call, name: str) -> Iterator[Admission]:
+    """Guard one block of a body with the breaker ``name`` (admit, then record)."""
+    runtime = call.runtime
+    policy = runtime.breaker_policy(name, call.policy)
+    owner = uuid.uuid4().hex
+    local = False
+    try:
+        (answer,) = runtime.store.run([admit_op(runtime.store, name, policy, owner)])
+        admission = parse_admission(answer)
+    except StoreUnavailable as exc:
+        local = True
+        runtime.count("breaker_local", name)
+        log.warning("breaker %r: store unavailable, using the local breaker: %s", name, exc)
+        admission = runtime.local_breaker(name, policy).admit(owner, int(time.time() * 1000))
+    if not admission.allowed:
+        raise CircuitOpen(name, admission.retry_after)
+    started = time.monotonic()
+    error: BaseException | None = None
+    try:
+        yield admission
+    except BaseException as exc:
+        error = exc
+        call.attributed[id(exc)] = name
+        raise
+    finally:
+        failed = error is not None and not isinstance(error, PASS_THROUGH) and matches(
+            policy.failure_on, error
+        )
+        outcome = outcome_of(policy, failed, time.monotonic() - started)
+        _record_now(call, name, policy, owner, outcome, admission.probe, local)
 
+
+def _record_now(
+    call: Call, name: str, policy: BreakerPolicy, owner: str, outcome: str, probe: bool, local: bool
+) -> None:
+    runtime = call.runtime
+    first = call.attempt == 0
+    if not local:
+        try:
+            (answer,) = runtime.store.run(
+                [record_op(runtime.store, name, policy, owner, outcome, probe=probe, first_attempt=first)]
+            )
+        except StoreUnavailable:
+            local = True
+        else:
+            _recorded(call, name, answer)
+            return
+    runtime.local_breaker(name, policy).record(
+        owner, outcome, probe=probe, first_attempt=first, now=int(time.time() * 1000)
+    )
+
+
+def _admission(answers: list[Any]) -> Admission:
     (answer,) = answers
     return parse_admission(answer)
 
