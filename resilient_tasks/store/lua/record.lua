@@ -100,6 +100,7 @@ if outcome ~= 'none' then
     if slow_rate > 0 and calls >= min_calls and slows / calls >= slow_rate then trip = true end
     if trip then
       open_breaker()
+      redis.call('HINCRBY', key, 'trips', 1)
       transitioned = 1
     end
   end
