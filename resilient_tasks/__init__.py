@@ -5,6 +5,7 @@ call ``install(app, redis_url=...)`` once.
 """
 
 from .errors import (
+    CachedFailure,
     CircuitOpen,
     ClaimLost,
     DeadlineExceeded,
@@ -24,21 +25,26 @@ from .policy import (
     RetryPolicy,
     TaskPolicy,
 )
+from .fallback import Degraded, NotFound, unwrap
 from .runtime import Runtime, install, runtime_for
+from .switches import reset_breaker, set_switch
 from .task import ResilientTask
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BreakerPolicy",
+    "CachedFailure",
     "CircuitOpen",
     "ClaimLost",
     "DeadlineExceeded",
+    "Degraded",
     "DuplicateInFlight",
     "FallbackPolicy",
     "IdempotencyConflict",
     "IdempotencyKeyError",
     "IdempotencyPolicy",
+    "NotFound",
     "PolicyError",
     "ResilienceError",
     "ResilientTask",
@@ -49,5 +55,8 @@ __all__ = [
     "StoreUnavailable",
     "TaskPolicy",
     "install",
+    "reset_breaker",
     "runtime_for",
+    "set_switch",
+    "unwrap",
 ]

@@ -68,11 +68,22 @@ def record_op(
         "record",
         (breaker_key(store, name),),
         (
-            now_ms, owner, outcome, int(probe), int(first_attempt), policy.failure_rate,
-            policy.min_calls, int(policy.window * 1000), policy.buckets,
-            policy.consecutive_failures or 0, policy.slow_call_rate or 0,
-            int(policy.open_for * 1000), int((policy.open_for_max or 0) * 1000),
-            policy.half_open_probes, name, _ttl_ms(policy),
+            now_ms,
+            owner,
+            outcome,
+            int(probe),
+            int(first_attempt),
+            policy.failure_rate,
+            policy.min_calls,
+            int(policy.window * 1000),
+            policy.buckets,
+            policy.consecutive_failures or 0,
+            policy.slow_call_rate or 0,
+            int(policy.open_for * 1000),
+            int((policy.open_for_max or 0) * 1000),
+            policy.half_open_probes,
+            name,
+            _ttl_ms(policy),
         ),
     )
 
@@ -83,8 +94,14 @@ def spend_retry_op(
     return Op(
         "spend_retry",
         (breaker_key(store, name),),
-        (now_ms, budget.ratio, budget.min_per_window, int(policy.window * 1000), policy.buckets,
-         _ttl_ms(policy)),
+        (
+            now_ms,
+            budget.ratio,
+            budget.min_per_window,
+            int(policy.window * 1000),
+            policy.buckets,
+            _ttl_ms(policy),
+        ),
     )
 
 

@@ -73,6 +73,7 @@ class Call:
     body_seconds: float | None = None
     attributed: dict[int, str] = field(default_factory=dict)
     breaker_owner: str = ""
+    fallback_key: str | None = None
     breaker_local: bool = False
     admission: Admission | None = None
     has_result: bool = False

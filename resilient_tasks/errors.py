@@ -10,6 +10,7 @@
     ├── IdempotencyKeyError    the key could not be built (empty, too long, missing argument)
     ├── ClaimLost              our claim was taken over while the body ran (fencing)
     ├── RetryBudgetExhausted   the downstream's fleet-wide retry budget is spent
+    ├── CachedFailure          this key failed moments ago (FallbackPolicy.cache_failures)
     ├── DeadlineExceeded       the task's absolute deadline has passed or would be passed
     └── StoreUnavailable       Redis could not be reached or refused the command
 
@@ -20,6 +21,7 @@ Errors of the libraries underneath (``redis.RedisError``) are translated to
 from __future__ import annotations
 
 __all__ = [
+    "CachedFailure",
     "CircuitOpen",
     "ClaimLost",
     "DeadlineExceeded",
@@ -87,3 +89,7 @@ class DeadlineExceeded(ResilienceError):
 
 class StoreUnavailable(ResilienceError):
     """The Redis store could not be reached or refused a command."""
+
+
+class CachedFailure(ResilienceError):
+    """The downstream failed for this key moments ago; it is not called again yet."""

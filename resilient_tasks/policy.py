@@ -17,6 +17,7 @@ from .errors import PolicyError
 
 __all__ = [
     "DEFAULT_RETRY_ON",
+    "NO_DEFAULT",
     "BreakerPolicy",
     "ExceptionMatcher",
     "FallbackPolicy",
@@ -35,6 +36,16 @@ ExceptionMatcher: TypeAlias = tuple[type[BaseException], ...] | Callable[[BaseEx
 KeySpec: TypeAlias = tuple[str, ...] | str | Callable[..., Hashable]
 
 DEFAULT_RETRY_ON: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+
+
+class _NoDefault:
+    """Marks "no static default" (``None`` is a legitimate default value)."""
+
+    def __repr__(self) -> str:
+        return "NO_DEFAULT"
+
+
+NO_DEFAULT: Any = _NoDefault()
 
 
 def matches(matcher: ExceptionMatcher, exc: BaseException) -> bool:
@@ -239,14 +250,17 @@ class FallbackPolicy:
 
     An entry lives ``max(floor, ttl * decay**n)`` seconds, n being the downstream's
     consecutive failures: the longer it fails, the shorter stale data is trusted.
+    On failure the task returns, in order: the cached value, ``function(*args, **kwargs)``,
+    ``default``; else it raises. ``cache_failures`` remembers a failure for
+    ``negative_ttl`` so the next jobs for that key fail fast instead of calling again.
     """
 
-    key: KeySpec = "message"
+    key: KeySpec
     ttl: float = 120.0
     decay: float = 0.8
     floor: float = 30.0
     max_stale: float | None = None
-    default: Any = None
+    default: Any = NO_DEFAULT
     function: Callable[..., Any] | None = None
     cache_failures: bool = False
     negative_ttl: float = 30.0
@@ -255,6 +269,10 @@ class FallbackPolicy:
     def __post_init__(self) -> None:
         owner = "FallbackPolicy"
         _set(self, "key", _key(owner, self.key))
+        if self.key == "message":
+            raise PolicyError(
+                f"{owner}.key", "'message' never repeats; name the arguments the value depends on"
+            )
         _positive(owner, "ttl", self.ttl)
         _fraction(owner, "decay", self.decay)
         _positive(owner, "floor", self.floor)

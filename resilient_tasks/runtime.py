@@ -68,8 +68,13 @@ class Runtime:
         self.heartbeat = Heartbeat(lambda: self.store)
         self.counters: Counter[tuple[str, str]] = Counter()
         self._local_breakers: dict[str, LocalBreaker] = {}
-        #: Set by the fallback guard's module: serves a fallback for a refused call.
-        self.fallback_server: Callable[[Any, BaseException], Any] | None = None
+
+    def now_ms(self) -> int:
+        """Time for the scripts: 0 lets Redis use its own clock (one clock for the fleet);
+        an injected clock (tests, simulations) is sent explicitly."""
+        if self.clock is time.time:
+            return 0
+        return int(self.clock() * 1000)
 
     def count(self, event: str, downstream: str = "") -> None:
         """Count an outcome in this process (exported by the telemetry layer)."""

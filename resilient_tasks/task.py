@@ -23,6 +23,7 @@ from .errors import PolicyError, StoreUnavailable
 from .guards import run_chain
 from .guards.breaker import BreakerGuard, downstream_call
 from .guards.deadline import deadline_guard
+from .guards.fallback import FallbackGuard
 from .guards.idempotency import IdempotencyGuard
 from .guards.retry import retry_guard
 from .policy import TaskPolicy
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _IDEMPOTENCY = IdempotencyGuard()
 _BREAKER = BreakerGuard()
+_FALLBACK = FallbackGuard()
 
 
 @lru_cache(maxsize=256)
@@ -44,6 +46,8 @@ def guards_for(policy: TaskPolicy) -> tuple[Callable[..., Any], ...]:
         chain.append(_IDEMPOTENCY)
     if policy.downstream is not None or policy.breaker is not None:
         chain.append(_BREAKER)
+    if policy.fallback is not None:
+        chain.append(_FALLBACK)
     if policy.retry is not None:
         chain.append(retry_guard)
     return tuple(chain)

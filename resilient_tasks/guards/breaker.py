@@ -23,6 +23,7 @@ from ..policy import BreakerPolicy, matches
 from ..schedule import defer
 from ..store.base import Op
 from . import PASS_THROUGH, Next
+from .fallback import serve_fallback
 
 __all__ = ["BreakerGuard", "downstream_call", "on_open", "task_breaker"]
 
@@ -48,11 +49,21 @@ def on_open(call: Call, name: str, policy: BreakerPolicy, retry_after: float) ->
             call.runtime.count("deferred", name)
             jitter = random.uniform(0.0, min(5.0, 0.2 * retry_after) + 0.05)
             defer(call, retry_after + jitter, str(rejection), rejection)
-    elif policy.when_open == "fallback":
-        fallback = call.runtime.fallback_server
-        if fallback is not None:
-            return fallback(call, rejection)
+    elif policy.when_open == "fallback" and call.policy.fallback is not None:
+        return serve_fallback(call, rejection)
     raise rejection
+
+
+def on_switch(call: Call, name: str, policy: BreakerPolicy, admission: Admission) -> Any:
+    """An operator's degrade switch: serve fallbacks only, reject, or hold the breaker open."""
+    call.outcome["switch"] = admission.switch
+    if admission.switch == "fallback_only":
+        call.runtime.count("switch_fallback_only", name)
+        return serve_fallback(call, CircuitOpen(name, admission.retry_after))
+    if admission.switch == "reject":
+        call.runtime.count("switch_reject", name)
+        raise CircuitOpen(name, admission.retry_after)
+    return on_open(call, name, policy, admission.retry_after or policy.open_for)
 
 
 class BreakerGuard:
@@ -64,7 +75,7 @@ class BreakerGuard:
             return []
         name, policy = found
         call.breaker_owner = uuid.uuid4().hex
-        return [admit_op(call.runtime.store, name, policy, call.breaker_owner)]
+        return [admit_op(call.runtime.store, name, policy, call.breaker_owner, call.runtime.now_ms())]
 
     def abandon(self, call: Call) -> list[Op]:
         """A replayed or deferred call frees the probe lease it was handed."""
@@ -73,8 +84,18 @@ class BreakerGuard:
         if admission is None or not admission.probe or found is None:
             return []
         name, policy = found
-        return [record_op(call.runtime.store, name, policy, call.breaker_owner, "none",
-                          probe=True, first_attempt=False)]
+        return [
+            record_op(
+                call.runtime.store,
+                name,
+                policy,
+                call.breaker_owner,
+                "none",
+                probe=True,
+                first_attempt=False,
+                now_ms=call.runtime.now_ms(),
+            )
+        ]
 
     def __call__(self, call: Call, next: Next) -> Any:
         found = task_breaker(call)
@@ -87,13 +108,13 @@ class BreakerGuard:
             call.breaker_local = True
             call.runtime.count("breaker_local", name)
             log.warning("breaker %r: store unavailable, using the local breaker: %s", name, exc)
-            admission = call.runtime.local_breaker(name, policy).admit(
-                call.breaker_owner, int(time.time() * 1000)
-            )
+            admission = call.runtime.local_breaker(name, policy).admit(call.breaker_owner, _local_now(call))
         call.admission = admission
         call.outcome["breaker_state"] = admission.state
         call.outcome["consecutive_failures"] = admission.consecutive_failures
         if not admission.allowed:
+            if admission.switch != "normal":
+                return on_switch(call, name, policy, admission)
             return on_open(call, name, policy, admission.retry_after)
         try:
             result = self._inner_open(call, next)
@@ -127,15 +148,26 @@ class BreakerGuard:
         first = call.attempt == 0
         if call.breaker_local:
             transitioned = call.runtime.local_breaker(name, policy).record(
-                call.breaker_owner, outcome, probe=probe, first_attempt=first,
-                now=int(time.time() * 1000),
+                call.breaker_owner,
+                outcome,
+                probe=probe,
+                first_attempt=first,
+                now=_local_now(call),
             )
             if transitioned:
                 log.warning("local breaker %r changed state", name)
             return
         call.at_end(
-            record_op(call.runtime.store, name, policy, call.breaker_owner, outcome,
-                      probe=probe, first_attempt=first),
+            record_op(
+                call.runtime.store,
+                name,
+                policy,
+                call.breaker_owner,
+                outcome,
+                probe=probe,
+                first_attempt=first,
+                now_ms=call.runtime.now_ms(),
+            ),
             lambda answer: _recorded(call, name, answer),
         )
 
@@ -148,13 +180,13 @@ def downstream_call(call: Call, name: str) -> Iterator[Admission]:
     owner = uuid.uuid4().hex
     local = False
     try:
-        (answer,) = runtime.store.run([admit_op(runtime.store, name, policy, owner)])
+        (answer,) = runtime.store.run([admit_op(runtime.store, name, policy, owner, runtime.now_ms())])
         admission = parse_admission(answer)
     except StoreUnavailable as exc:
         local = True
         runtime.count("breaker_local", name)
         log.warning("breaker %r: store unavailable, using the local breaker: %s", name, exc)
-        admission = runtime.local_breaker(name, policy).admit(owner, int(time.time() * 1000))
+        admission = runtime.local_breaker(name, policy).admit(owner, _local_now(call))
     if not admission.allowed:
         raise CircuitOpen(name, admission.retry_after)
     started = time.monotonic()
@@ -166,8 +198,8 @@ def downstream_call(call: Call, name: str) -> Iterator[Admission]:
         call.attributed[id(exc)] = name
         raise
     finally:
-        failed = error is not None and not isinstance(error, PASS_THROUGH) and matches(
-            policy.failure_on, error
+        failed = (
+            error is not None and not isinstance(error, PASS_THROUGH) and matches(policy.failure_on, error)
         )
         outcome = outcome_of(policy, failed, time.monotonic() - started)
         _record_now(call, name, policy, owner, outcome, admission.probe, local)
@@ -181,7 +213,18 @@ def _record_now(
     if not local:
         try:
             (answer,) = runtime.store.run(
-                [record_op(runtime.store, name, policy, owner, outcome, probe=probe, first_attempt=first)]
+                [
+                    record_op(
+                        runtime.store,
+                        name,
+                        policy,
+                        owner,
+                        outcome,
+                        probe=probe,
+                        first_attempt=first,
+                        now_ms=runtime.now_ms(),
+                    )
+                ]
             )
         except StoreUnavailable:
             local = True
@@ -189,8 +232,12 @@ def _record_now(
             _recorded(call, name, answer)
             return
     runtime.local_breaker(name, policy).record(
-        owner, outcome, probe=probe, first_attempt=first, now=int(time.time() * 1000)
+        owner, outcome, probe=probe, first_attempt=first, now=_local_now(call)
     )
+
+
+def _local_now(call: Call) -> int:
+    return int(call.runtime.clock() * 1000)
 
 
 def _admission(answers: list[Any]) -> Admission:

@@ -70,7 +70,15 @@ class IdempotencyGuard:
             Op(
                 "claim",
                 (key,),
-                (owner, lease_ms, int(policy.ttl * 1000), fp, call.request.id or "", 0, previous_owner),
+                (
+                    owner,
+                    lease_ms,
+                    int(policy.ttl * 1000),
+                    fp,
+                    call.request.id or "",
+                    call.runtime.now_ms(),
+                    previous_owner,
+                ),
             )
         ]
 
@@ -131,12 +139,16 @@ class IdempotencyGuard:
             call.at_end(Op("release", (claim.key,), (claim.owner, token, ttl_ms)))
             raise
         heartbeat.untrack(claim)
+        if call.outcome.get("fallback_source") in ("cache", "function", "default"):
+            # A degraded answer is not the job done: free the key for a fresh run later.
+            call.at_end(Op("release", (claim.key,), (claim.owner, token, ttl_ms)))
+            return result
         payload = _encode(result, call.runtime.max_result_bytes)
         if payload is None:
             call.outcome["idempotency_result"] = "not_stored"
             payload = "null"
         call.at_end(
-            Op("complete", (claim.key,), (claim.owner, token, payload, ttl_ms, 0)),
+            Op("complete", (claim.key,), (claim.owner, token, payload, ttl_ms, call.runtime.now_ms())),
             lambda answer: _completed(call, claim, answer),
         )
         return result

@@ -8,7 +8,6 @@ and a ``retry_after`` attribute on the exception (an HTTP Retry-After) is a lowe
 from __future__ import annotations
 
 import math
-import time
 from typing import Any
 
 from ..backoff import make_backoff
@@ -60,11 +59,12 @@ def _spend_budget(call: Call, exc: Exception) -> None:
         return
     breaker = call.runtime.breaker_policy(name, call.policy)
     try:
-        (answer,) = call.runtime.store.run([spend_retry_op(call.runtime.store, name, breaker, policy.budget)])
+        op = spend_retry_op(call.runtime.store, name, breaker, policy.budget, call.runtime.now_ms())
+        (answer,) = call.runtime.store.run([op])
         granted = int(answer[0]) == 1
     except StoreUnavailable:
         local = call.runtime.local_breaker(name, breaker)
-        granted = local.spend_retry(policy.budget, int(time.time() * 1000))
+        granted = local.spend_retry(policy.budget, int(call.runtime.clock() * 1000))
     if not granted:
         call.outcome["retry"] = "budget_exhausted"
         call.runtime.count("budget_exhausted", name)

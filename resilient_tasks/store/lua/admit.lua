@@ -22,8 +22,8 @@ end
 if switch == 'breaker_disabled' then
   return {'allow', state, 0, consec, switch}
 end
-if switch == 'forced_open' then
-  return {'reject', 'forced_open', lease, consec, switch}
+if switch == 'forced_open' or switch == 'fallback_only' or switch == 'reject' then
+  return {'reject', state, lease, consec, switch}
 end
 if switch == 'forced_closed' then
   return {'allow', state, 0, consec, switch}

@@ -1,0 +1,156 @@
+"""Fallback guard: write last-known-good on success, serve it when the downstream fails.
+
+The cache write rides in the ``end`` round trip; a negative-entry peek rides in
+``begin``. Serving costs one round trip, and only on the failure path. Only JSON values
+under ``max_size`` are cached; anything else is logged and the task still succeeds.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kombu.utils import json as kombu_json
+
+from ..call import Call
+from ..errors import CachedFailure, ResilienceError, StoreUnavailable
+from ..fallback import NotFound, degraded, entry_ttl
+from ..keys import digest, key_material
+from ..policy import DEFAULT_RETRY_ON, NO_DEFAULT, FallbackPolicy, matches
+from ..store.base import Op
+from . import PASS_THROUGH, Next
+
+__all__ = ["FallbackGuard", "serve_fallback"]
+
+log = logging.getLogger(__name__)
+
+
+def _key(call: Call) -> str:
+    policy = call.policy.fallback
+    assert policy is not None
+    if call.fallback_key is None:
+        material = key_material(policy.key, call.task.run, call.args, call.kwargs, call.request.id)
+        call.fallback_key = call.runtime.store.key("fb", digest(call.task.name, material))
+    return call.fallback_key
+
+
+def _failures(call: Call) -> int:
+    admission = call.admission
+    n = admission.consecutive_failures if admission is not None else 0
+    return n + (1 if call.body_error is not None else 0)
+
+
+def _serves(call: Call, exc: BaseException) -> bool:
+    """Is ``exc`` the downstream failing (rather than a bug or bad input)?"""
+    if isinstance(exc, ResilienceError):
+        return True
+    if call.policy.retry is not None:
+        return matches(call.policy.retry.retry_on, exc)
+    if call.policy.downstream is not None:
+        breaker = call.runtime.breaker_policy(call.policy.downstream, call.policy)
+        return matches(breaker.failure_on, exc)
+    return isinstance(exc, DEFAULT_RETRY_ON)
+
+
+def serve_fallback(call: Call, exc: BaseException) -> Any:
+    """The cached value, else the function's, else the default; else re-raise ``exc``."""
+    policy = call.policy.fallback
+    if policy is None:
+        raise exc
+    runtime = call.runtime
+    name = call.policy.downstream or ""
+    try:
+        (answer,) = runtime.store.run([_serve_op(call, policy)])
+    except StoreUnavailable as store_exc:
+        log.warning("fallback cache unavailable: %s", store_exc)
+        answer = []
+    if answer:
+        age = int(answer[1]) / 1000.0
+        value = kombu_json.loads(answer[0].decode() if isinstance(answer[0], bytes) else answer[0])  # type: ignore[no-untyped-call]
+        return _served(call, name, value, "cache", age)
+    if policy.function is not None:
+        return _served(call, name, policy.function(*call.args, **call.kwargs), "function", None)
+    if policy.default is not NO_DEFAULT:
+        return _served(call, name, policy.default, "default", None)
+    raise exc
+
+
+def _served(call: Call, name: str, value: Any, source: str, age: float | None) -> Any:
+    call.outcome["fallback_source"] = source
+    call.outcome["fallback_age_s"] = age
+    call.runtime.count("fallback_served", name)
+    return degraded(value, source, age)
+
+
+def _serve_op(call: Call, policy: FallbackPolicy) -> Op:
+    ttl_ms, floor_ms = int(policy.ttl * 1000), int(policy.floor * 1000)
+    max_stale_ms = int((policy.max_stale or 0) * 1000)
+    args = (call.runtime.now_ms(), _failures(call), ttl_ms, policy.decay, floor_ms, max_stale_ms)
+    return Op("cache_serve", (_key(call),), args)
+
+
+def _encode(value: Any, limit: int) -> str | None:
+    try:
+        text = str(kombu_json.dumps(value))  # type: ignore[no-untyped-call]
+    except (TypeError, ValueError) as exc:
+        log.warning("result not cached for fallback: not JSON-serialisable (%s)", exc)
+        return None
+    if len(text.encode()) > limit:
+        log.warning("result not cached for fallback: %d bytes > max_size %d", len(text), limit)
+        return None
+    return text
+
+
+class FallbackGuard:
+    """Caches successes under the fallback key and serves them on failure."""
+
+    def prepare(self, call: Call) -> list[Op]:
+        return [Op("cache_peek", (_key(call),), ())]
+
+    def abandon(self, call: Call) -> list[Op]:
+        return []
+
+    def __call__(self, call: Call, next: Next) -> Any:
+        policy = call.policy.fallback
+        assert policy is not None
+        try:
+            (peek,) = call.begin(self)
+        except StoreUnavailable:
+            peek = []
+        if peek:
+            kind = peek[0].decode() if isinstance(peek[0], bytes) else str(peek[0])
+            value = kombu_json.loads(peek[1])  # type: ignore[no-untyped-call]
+            call.outcome["fallback_source"] = f"{kind}_cache"
+            call.runtime.count("negative_hit", call.policy.downstream or "")
+            if kind == "failure":
+                return serve_fallback(call, CachedFailure(str(value)))
+            return value
+        try:
+            result = next(call)
+        except PASS_THROUGH:
+            raise
+        except Exception as exc:
+            if not _serves(call, exc):
+                raise
+            if policy.cache_failures and not isinstance(exc, CachedFailure):
+                call.at_end(
+                    self._put(call, policy, f"{type(exc).__name__}: {exc}", "failure", policy.negative_ttl)
+                )
+            return serve_fallback(call, exc)
+        if isinstance(result, NotFound):
+            self._write(call, policy, result.value, "negative", policy.negative_ttl)
+            return result.value
+        ttl = entry_ttl(policy.ttl, policy.decay, policy.floor, _failures(call))
+        self._write(call, policy, result, "ok", ttl)
+        return result
+
+    def _write(self, call: Call, policy: FallbackPolicy, value: Any, kind: str, ttl: float) -> None:
+        text = _encode(value, policy.max_size)
+        if text is None:
+            call.outcome["fallback_cached"] = False
+            return
+        call.at_end(self._put(call, policy, text, kind, ttl))
+
+    def _put(self, call: Call, policy: FallbackPolicy, value: Any, kind: str, ttl: float) -> Op:
+        text = value if kind != "failure" else str(kombu_json.dumps(value))  # type: ignore[no-untyped-call]
+        return Op("cache_put", (_key(call),), (text, call.runtime.now_ms(), int(ttl * 1000), kind))
