@@ -6,10 +6,12 @@ Why it is built this way:
   class and its policy differ between them.
 - The broker and result backend live on one private redis-server, the resilience store
   on a second one, so the store server's ``INFO commandstats`` holds store traffic only.
-- A measurement pre-publishes N messages, then starts a fresh in-process worker (thread
-  pool) and times from the first task start (``task_prerun``) to the last task end
-  (``task_postrun``). Publishing and worker start-up stay outside the window, so the
-  number is the worker-side cost per task, which is where the middleware runs.
+- One in-process worker (thread pool) serves the whole run. A measurement publishes N
+  messages to the variant's own queue while the worker listens elsewhere, then tells it
+  to consume that queue, and times from the first task start (``task_prerun``) to the
+  last task end (``task_postrun``). Publishing and worker start-up stay outside the
+  window, so the number is the worker-side cost per task, which is where the middleware
+  runs, and every variant meets the same warm worker.
 - Variants run interleaved, their order rotated every round, so drift (CPU boost, a noisy
   neighbour) hits all of them alike; ``ratio_vs_plain`` is the median of per-round ratios.
 - Store round trips are counted on the wire (every request written on a store
@@ -40,7 +42,9 @@ from resilient_tasks.store.base import Op
 from resilient_tasks.store.redis import RedisStore
 from resilient_tasks.testing import RedisServer, in_process_worker
 
-TaskFactory = Callable[[Celery], Task]
+Body = Callable[[int], int]
+#: Registers a task ``(n: int) -> int`` named ``bench.<variant>`` that returns ``body(n)``.
+TaskFactory = Callable[[Celery, Body], Task]
 
 #: Commands the benchmark itself sends to the store server; not the library's traffic.
 ADMIN_COMMANDS = frozenset({"config", "info", "flushdb", "dbsize"})
@@ -52,40 +56,52 @@ TARGETS: dict[str, tuple[float, float]] = {
 }
 
 
-def _plain(app: Celery) -> Task:
+def _plain(app: Celery, body: Body) -> Task:
     @app.task(name="bench.plain")
     def plain(n: int) -> int:
-        return n + 1
+        return body(n)
 
     return plain
 
 
-def _retry_policy(app: Celery) -> Task:
+def _retry_policy(app: Celery, body: Body) -> Task:
     policy = rt.TaskPolicy(idempotent=True, retry=rt.RetryPolicy())
 
     @app.task(name="bench.retry_policy", base=rt.ResilientTask, policy=policy)
     def retry_policy(n: int) -> int:
-        return n + 1
+        return body(n)
 
     return retry_policy
 
 
-def _idempotency(app: Celery) -> Task:
+def _idempotency(app: Celery, body: Body) -> Task:
     policy = rt.TaskPolicy(idempotency=rt.IdempotencyPolicy(key=("n",)))
 
     @app.task(name="bench.idempotency", base=rt.ResilientTask, policy=policy)
     def idempotency(n: int) -> int:
-        return n + 1
+        return body(n)
 
     return idempotency
 
 
-#: Variant name -> factory registering a task ``(n: int) -> int`` on the app.
 VARIANTS: dict[str, TaskFactory] = {
     "plain": _plain,
     "retry_policy": _retry_policy,
     "idempotency": _idempotency,
 }
+
+
+def make_body(sleep_ms: float) -> Body:
+    """Trivial work by default; ``--sleep-ms`` stands in for a downstream call's latency."""
+    if sleep_ms <= 0:
+        return lambda n: n + 1
+    seconds = sleep_ms / 1000
+
+    def body(n: int) -> int:
+        time.sleep(seconds)
+        return n + 1
+
+    return body
 
 
 class Counters:
@@ -206,6 +222,8 @@ class Sample:
     counters: dict[str, int]
     commandstats: dict[str, int]
     store_keys: int
+    cpu_s: float
+    redis_cpu_s: float
 
     @property
     def tasks_per_s(self) -> float:
@@ -220,60 +238,98 @@ class Settings:
     concurrency: int
     prefetch: int
     timeout: float
+    sleep_ms: float = 0.0
+    verbose: bool = False
+
+
+IDLE_QUEUE = "bench.idle"
+
+
+def queue_of(variant: str) -> str:
+    return f"bench.{variant}"
 
 
 class Bench:
-    """The two servers, the app with every variant registered, and the measuring loop."""
+    """The apps, the one worker every variant shares, and the measuring loop.
 
-    def __init__(self, settings: Settings, variants: Sequence[str]) -> None:
+    The worker runs for the whole benchmark, listening to an idle queue. A measurement
+    publishes a batch to the variant's own queue, then tells the worker to consume it
+    (``add_consumer``), so the batch is waiting in full when consumption starts and no
+    worker start-up or shutdown falls between measurements.
+    """
+
+    def __init__(self, settings: Settings, variants: Sequence[str],
+                 broker: RedisServer, store: RedisServer) -> None:
         self.settings = settings
         self.variants = list(variants)
-        self.broker = RedisServer().start()
-        self.store = RedisServer().start()
-        self.app = Celery("bench", broker=self.broker.url(0), backend=self.broker.url(1),
+        self.app = Celery("bench", broker=broker.url(0), backend=broker.url(1),
                           set_as_current=False)
         self.app.conf.update(
-            broker_transport_options={"visibility_timeout": 3600},
+            # polling_interval is kombu's BRPOP timeout: a queue added by add_consumer is
+            # polled from the next BRPOP, so keep the idle wait short (default 1 s).
+            broker_transport_options={"visibility_timeout": 3600, "polling_interval": 0.05},
             worker_prefetch_multiplier=settings.prefetch,
             broker_connection_retry_on_startup=True,
             result_expires=600,
         )
-        rt.install(self.app, redis_url=self.store.url(0),
+        rt.install(self.app, redis_url=store.url(0),
                    redis_options={"connection_class": CountingConnection})
-        self.tasks = {name: VARIANTS[name](self.app) for name in self.variants}
+        body = make_body(settings.sleep_ms)
+        self.tasks = {name: VARIANTS[name](self.app, body) for name in self.variants}
         self.app.finalize()
-        self.store_admin = self.store.client()
-        self.results_admin = self.broker.client(1)
+        # A separate client app without a result backend publishes: the worker app's
+        # Redis backend would SUBSCRIBE to every task's result channel on publish.
+        self.client = Celery("bench-client", broker=broker.url(0), set_as_current=False)
+        self.client.conf.update(task_serializer="json", broker_connection_retry_on_startup=True)
+        self.store_admin = store.client()
+        self.results_admin = broker.client(1)
         self._next_n = 0
-        self.verbose = False
 
     def close(self) -> None:
         self.store_admin.close()
         self.results_admin.close()
+        self.client.close()
         self.app.close()
-        self.broker.stop()
-        self.store.stop()
 
-    def _publish(self, task: Task, count: int) -> None:
-        with self.app.producer_or_acquire() as producer:
+    def _publish(self, variant: str, count: int) -> None:
+        name, queue = self.tasks[variant].name, queue_of(variant)
+        with self.client.producer_or_acquire() as producer:
             for n in range(self._next_n, self._next_n + count):
-                task.apply_async((n,), producer=producer)
+                self.client.send_task(name, (n,), queue=queue, producer=producer)
         self._next_n += count
 
-    def measure(self, variant: str, count: int) -> Sample:
-        """Pre-publish ``count`` tasks, then let a fresh worker drain them."""
+    def _control(self, command: str, queue: str, hostname: str) -> None:
+        replies = self.app.control.broadcast(
+            command, arguments={"queue": queue}, destination=[hostname], reply=True, timeout=10
+        )
+        if not replies:
+            raise RuntimeError(f"worker {hostname} did not answer {command}({queue})")
+
+    def _redis_cpu(self) -> float:
+        """CPU seconds both redis-servers have used: the Lua scripts' cost lands there."""
+        total = 0.0
+        for client in (self.store_admin, self.results_admin):
+            info = client.info("cpu")
+            total += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        return total
+
+    def measure(self, variant: str, count: int, hostname: str) -> Sample:
+        """Publish ``count`` tasks, then let the idle worker drain them."""
         task = self.tasks[variant]
         self.store_admin.flushdb()
         self.results_admin.flushdb()
-        self._publish(task, count)
+        self._publish(variant, count)
         self.store_admin.config_resetstat()
         COUNTERS.take()
         window = Window(task.name, count)
-        with window.listening(), in_process_worker(
-            self.app, pool="threads", concurrency=self.settings.concurrency
-        ):
-            if not window.done.wait(self.settings.timeout):
-                raise TimeoutError(f"{variant}: {window.finished}/{count} tasks finished")
+        redis_cpu, cpu = self._redis_cpu(), time.process_time()
+        with window.listening():
+            self._control("add_consumer", queue_of(variant), hostname)
+            finished = window.done.wait(self.settings.timeout)
+            cpu, redis_cpu = time.process_time() - cpu, self._redis_cpu() - redis_cpu
+            self._control("cancel_consumer", queue_of(variant), hostname)
+        if not finished:
+            raise TimeoutError(f"{variant}: {window.finished}/{count} tasks finished")
         counters = COUNTERS.take()
         stats = self.store_admin.info("commandstats")
         calls = {
@@ -282,7 +338,7 @@ class Bench:
             if name.removeprefix("cmdstat_") not in ADMIN_COMMANDS
         }
         assert window.first is not None
-        return Sample(
+        sample = Sample(
             variant=variant,
             tasks=count,
             seconds=window.last - window.first,
@@ -290,27 +346,60 @@ class Bench:
             counters=counters,
             commandstats=calls,
             store_keys=int(self.store_admin.dbsize()),
+            cpu_s=cpu,
+            redis_cpu_s=redis_cpu,
         )
+        if self.settings.verbose:
+            print(f"{variant:<14} {sample.tasks_per_s:8.1f} tasks/s  {counters}",
+                  file=sys.stderr, flush=True)
+        return sample
 
     def run(self) -> list[Sample]:
         """A discarded warm-up pass, then ``rounds`` interleaved rounds, order rotated."""
-        with instrument_store():
+        samples = []
+        with instrument_store(), in_process_worker(
+            self.app, pool="threads", concurrency=self.settings.concurrency, queues=[IDLE_QUEUE]
+        ) as worker:
             for variant in self.variants:
-                self.measure(variant, self.settings.warmup)
-            samples = []
+                self.measure(variant, self.settings.warmup, worker.hostname)
             for index in range(self.settings.rounds):
                 shift = index % len(self.variants)
                 for variant in self.variants[shift:] + self.variants[:shift]:
-                    sample = self.measure(variant, self.settings.tasks)
-                    samples.append(sample)
-                    if self.verbose:
-                        print(f"round {index + 1} {variant:<14} {sample.tasks_per_s:8.1f} tasks/s "
-                              f"{sample.counters}", file=sys.stderr, flush=True)
+                    samples.append(self.measure(variant, self.settings.tasks, worker.hostname))
         return samples
+
+    def direct(self, calls: int) -> dict[str, float]:
+        """Median CPU microseconds per ``task.apply`` call in this thread, per variant.
+
+        Celery's tracer runs the task with no broker, result backend or thread switches,
+        so the difference to ``plain`` is the middleware's own cost, free of the noise
+        that other processes on the machine add to throughput.
+        """
+        costs: dict[str, list[float]] = {v: [] for v in self.variants}
+        for index in range(self.settings.rounds):
+            shift = index % len(self.variants)
+            for variant in self.variants[shift:] + self.variants[:shift]:
+                task, first = self.tasks[variant], self._next_n
+                self._next_n += calls
+                start = time.thread_time()
+                for n in range(first, first + calls):
+                    task.apply((n,))
+                costs[variant].append((time.thread_time() - start) / calls * 1e6)
+        return {v: statistics.median(c) for v, c in costs.items()}
+
+
+def add_direct(rows: list[dict[str, Any]], costs: dict[str, float]) -> None:
+    """Put ``--direct`` results on the rows: CPU per call and the extra over plain."""
+    for row in rows:
+        cost = costs[row["variant"]]
+        row["direct_cpu_us_per_call"] = round(cost, 1)
+        if "plain" in costs:
+            row["direct_extra_us_vs_plain"] = round(cost - costs["plain"], 1)
 
 
 def summarize(samples: Sequence[Sample], settings: Settings) -> list[dict[str, Any]]:
-    """One row per variant: median throughput, paired ratio to plain, per-task counts."""
+    """One row per variant: median throughput, ratios to plain paired by round, per-task
+    counts, and CPU per task (steadier than throughput when other work shares the CPU)."""
     order = list(dict.fromkeys(s.variant for s in samples))
     by_variant = {v: [s for s in samples if s.variant == v] for v in order}
     plain = by_variant.get("plain")
@@ -319,13 +408,16 @@ def summarize(samples: Sequence[Sample], settings: Settings) -> list[dict[str, A
         total = sum(s.tasks for s in runs)
         rates = [s.tasks_per_s for s in runs]
 
-        def per_task(values: Sequence[int], total: int = total) -> float:
+        def per_task(values: Sequence[float], total: int = total) -> float:
             return round(sum(values) / total, 3)
 
-        ratio = None
+        ratio = cpu_ratio = None
         if plain is not None:
-            ratio = round(statistics.median(
-                s.tasks_per_s / p.tasks_per_s for s, p in zip(runs, plain, strict=True)), 3)
+            pairs = list(zip(runs, plain, strict=True))
+            ratio = round(statistics.median(s.tasks_per_s / p.tasks_per_s for s, p in pairs), 3)
+            cpu_ratio = round(statistics.median(
+                (p.cpu_s + p.redis_cpu_s) / p.tasks / ((s.cpu_s + s.redis_cpu_s) / s.tasks)
+                for s, p in pairs), 3)
         roundtrips = per_task([s.counters.get("wire", 0) for s in runs])
         row: dict[str, Any] = {
             "variant": variant,
@@ -339,11 +431,15 @@ def summarize(samples: Sequence[Sample], settings: Settings) -> list[dict[str, A
             "evalsha_per_task": per_task([s.commandstats.get("evalsha", 0) for s in runs]),
             "commands_per_task": per_task([sum(s.commandstats.values()) for s in runs]),
             "store_keys_per_task": per_task([s.store_keys for s in runs]),
+            "cpu_ms_per_task": per_task([1000 * s.cpu_s for s in runs]),
+            "redis_cpu_ms_per_task": per_task([1000 * s.redis_cpu_s for s in runs]),
+            "cpu_ratio_vs_plain": cpu_ratio,
             "succeeded": sum(s.succeeded for s in runs),
             "tasks": total,
             "rounds": len(runs),
             "concurrency": settings.concurrency,
             "prefetch": settings.prefetch,
+            "sleep_ms": settings.sleep_ms,
         }
         target = TARGETS.get(variant)
         if target is not None and ratio is not None:
@@ -360,6 +456,10 @@ COLUMNS = (
     ("store_pipelines_per_task", "pipelines/task"),
     ("evalsha_per_task", "EVALSHA/task"),
     ("commands_per_task", "commands/task"),
+    ("cpu_ms_per_task", "CPU ms/task"),
+    ("redis_cpu_ms_per_task", "redis CPU ms/task"),
+    ("cpu_ratio_vs_plain", "CPU vs plain"),
+    ("direct_cpu_us_per_call", "direct CPU us/call"),
     ("succeeded", "ok"),
     ("target_met", "target met"),
 )
@@ -380,19 +480,27 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=int, default=2000, help="tasks per variant per round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--tasks", type=int, default=500, help="tasks per variant per round")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds")
     parser.add_argument("--warmup", type=int, default=200, help="discarded tasks per variant")
     parser.add_argument("--concurrency", type=int, default=4, help="worker threads")
     parser.add_argument("--prefetch", type=int, default=4, help="worker_prefetch_multiplier")
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    parser.add_argument("--sleep-ms", type=float, default=0.0,
+                        help="sleep in every task body, like a downstream call (default: none)")
+    parser.add_argument("--direct", type=int, default=0, metavar="CALLS",
+                        help="also time CALLS task.apply() calls per variant per round "
+                             "(middleware CPU per call, no broker)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per measurement")
     parser.add_argument("--json", action="store_true", help="one JSON object per variant per line")
+    parser.add_argument("--verbose", action="store_true", help="each measurement on stderr")
     args = parser.parse_args(argv)
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s): {', '.join(unknown)}")
+    if args.direct < 0:
+        parser.error("--direct must be >= 0")
     if min(args.tasks, args.rounds, args.warmup, args.concurrency, args.prefetch) < 1:
         parser.error("--tasks, --rounds, --warmup, --concurrency and --prefetch must be >= 1")
     return args
@@ -402,12 +510,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     settings = Settings(tasks=args.tasks, rounds=args.rounds, warmup=args.warmup,
                         concurrency=args.concurrency, prefetch=args.prefetch,
-                        timeout=args.timeout)
-    bench = Bench(settings, args.variants.split(","))
-    try:
-        rows = summarize(bench.run(), settings)
-    finally:
-        bench.close()
+                        timeout=args.timeout, sleep_ms=args.sleep_ms,
+                        verbose=args.verbose)
+    with RedisServer() as broker, RedisServer() as store:
+        bench = Bench(settings, args.variants.split(","), broker, store)
+        try:
+            rows = summarize(bench.run(), settings)
+            if args.direct > 0:
+                add_direct(rows, bench.direct(args.direct))
+        finally:
+            bench.close()
     if args.json:
         for row in rows:
             print(json.dumps(row), flush=True)

@@ -12,7 +12,7 @@ task ids, as a producer that retries its own publish would. The summary checks t
 message finished, that each order that succeeded was charged exactly once downstream, and
 that the duplicates were answered by the idempotency record instead of charging again.
 
-``python -m examples.demo [--jobs N] [--failure-rate F]``
+``python -m examples.demo [--jobs N] [--failure-rate F]``, or ``make demo DEMO_ARGS="--jobs 500"``.
 """
 
 from __future__ import annotations
@@ -49,6 +49,12 @@ WORKERS = 2
 POOL, CONCURRENCY = "threads", 8
 DUPLICATE_SHARE = 0.10
 STOP_TIMEOUT = 15.0
+EXPLAIN = {
+    "RetryBudgetExhausted": " (the fleet-wide retry budget of 'payments' was spent: the default "
+    "RetryBudget allows retries up to 20 % of first attempts + 10 per window; a failure rate f "
+    "needs about f/(1-f), 25 % at f=0.2)",
+    "DownstreamUnavailable": " (503 on every attempt: max_retries spent)",
+}
 
 
 # -- the processes ---------------------------------------------------------------------
@@ -83,7 +89,7 @@ def stop_group(process: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) 
 def downstream_process(failure_rate: float, log: Path) -> Iterator[str]:
     """The payments service as its own process, so it does not share the demo's GIL."""
     port = free_port()
-    with log.open("ab") as output:
+    with log.open("wb") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "examples.downstream", "--port", str(port),
              "--failure-rate", str(failure_rate)],
@@ -144,7 +150,9 @@ class Tally:
     ev_succeeded: int = 0
     ev_failed: int = 0
     ev_retried: int = 0
-    ev_deferred: int = 0
+    ev_deferred: int = 0  # a duplicate re-queued while another message holds the claim
+    ev_breaker: int = 0  # deferred because the downstream's breaker was open
+    breaker_failed: int = 0  # failed with CircuitOpen (a breaker with when_open="fail")
     charged_orders: set[str] = field(default_factory=set)
     failures: dict[str, int] = field(default_factory=dict)
     workers: set[str] = field(default_factory=set)
@@ -162,10 +170,12 @@ class Tally:
 class EventCounter:
     """Follows task events from the broker in a thread, for progress while results arrive.
 
-    ``task-retried`` is sent both for a retry (which spends an attempt) and for a deferral
-    (a duplicate re-queued while another message holds the claim, which does not). The
-    event only carries ``repr(cause)``: a retry's cause is the downstream error, a
-    deferral's is ``None`` or a store error, so the two are told apart by that text.
+    ``task-retried`` is sent for a retry (which spends an attempt) and for a deferral
+    (which does not: a duplicate waiting for the message holding the claim, or a task
+    whose breaker is open). The event only carries the text ``Retry(Retry(...), <cause>,
+    <countdown>)``, so they are told apart by the cause: the downstream's error for a
+    retry, ``CircuitOpen`` for the breaker, ``None`` or a store error for a duplicate.
+    The summary's retry count comes from the result backend, which does not depend on this.
     """
 
     RETRY_CAUSES = ("DownstreamUnavailable(", "TimeoutError(", "ConnectionError(")
@@ -187,8 +197,11 @@ class EventCounter:
         elif kind == "task-failed":
             tally.ev_failed += 1
         elif kind == "task-retried":
-            if str(event.get("exception", "")).startswith(self.RETRY_CAUSES):
+            cause = str(event.get("exception", ""))
+            if any(name in cause for name in self.RETRY_CAUSES):
                 tally.ev_retried += 1
+            elif "CircuitOpen(" in cause:
+                tally.ev_breaker += 1
             else:
                 tally.ev_deferred += 1
 
@@ -236,9 +249,9 @@ class Screen:
         elapsed = t.elapsed()
         title = f"resilient-tasks demo: {t.jobs} orders, {WORKERS} workers x {CONCURRENCY} threads"
         table = Table(title=title)
-        for column in ("published", "done", "succeeded", "failed", "retries (events)",
-                       "deferrals (events)", "downstream calls", "503 injected", "charges applied",
-                       "elapsed", "msg/s"):
+        # retries/deferred: from events; calls/503s/applied: the downstream's own counters.
+        for column in ("published", "done", "ok", "failed", "retries", "deferred", "calls",
+                       "503s", "applied", "elapsed", "msg/s"):
             table.add_column(column, justify="right")
         table.add_row(
             str(t.published), f"{t.done}/{t.published}", str(t.succeeded), str(t.failed),
@@ -246,10 +259,15 @@ class Screen:
             str(stats.get("failures_injected", "-")), str(stats.get("applied", "-")),
             f"{elapsed:.1f}s", f"{t.done / elapsed:.0f}" if elapsed > 0 else "-",
         )
+        if t.ev_deferred:
+            table.caption = (f"{t.ev_deferred} duplicate(s) found their order in flight and wait "
+                             "out the holder's lease (30 s) before replaying its result")
         return table
 
 
-def summary(tally: Tally, stats: dict[str, Any], timed_out: bool) -> tuple[Group, bool]:
+def summary(
+    tally: Tally, stats: dict[str, Any], timed_out: bool, events_ok: bool
+) -> tuple[Group, bool]:
     """The final tables and whether every check held."""
     table = Table(title="summary")
     for column in ("orders", "messages", "succeeded", "retried", "failed", "deduplicated",
@@ -258,14 +276,17 @@ def summary(tally: Tally, stats: dict[str, Any], timed_out: bool) -> tuple[Group
     # deduplicated: messages answered from the idempotency record instead of running the
     # body. The task puts its own task id in its result, so a result carrying another id
     # is a replay; the arithmetic cross-check is succeeded messages minus charges applied.
-    # Fallbacks and breakers are not built yet and the task states no policy for them, so
-    # those columns say "n/a" rather than a 0 that would look measured.
+    # breaker-rejected: executions the breaker refused, counted from task-retried events
+    # (deferred until half-open) and failed results (CircuitOpen); unknown without events.
+    # fallback-served: the task states no FallbackPolicy, so nothing can be served from a
+    # fallback; the column says "n/a" rather than a 0 that would look measured.
     table.add_row(
         str(tally.jobs), str(tally.published), str(tally.succeeded), str(tally.retries),
-        str(tally.failed), str(tally.replayed), "n/a", "n/a",
+        str(tally.failed), str(tally.replayed), "n/a",
+        str(tally.ev_breaker + tally.breaker_failed) if events_ok else "n/a",
     )
     applied = stats.get("applied")
-    checks = [
+    checks: list[tuple[str, bool | None, str]] = [
         ("every message finished (succeeded + failed == messages)",
          tally.done == tally.published and not timed_out, f"{tally.done} == {tally.published}"),
         ("each order that succeeded was charged exactly once downstream",
@@ -281,49 +302,96 @@ def summary(tally: Tally, stats: dict[str, Any], timed_out: bool) -> tuple[Group
     check_table.add_column("ok")
     check_table.add_column("check")
     check_table.add_column("values")
+    if timed_out:  # work still in flight: only the first check means anything
+        checks = checks[:1] + [(text, None, "not checked: the run timed out") for text, _, _ in checks[1:]]
     for text, ok, values in checks:
-        check_table.add_row(Text("✓", "green") if ok else Text("✗", "bold red"), text, values)
+        mark = Text("-") if ok is None else Text("✓", "green") if ok else Text("✗", "bold red")
+        check_table.add_row(mark, text, values)
     info = Text(
         f"downstream: {stats.get('calls')} calls, {stats.get('failures_injected')} injected 503s, "
         f"{applied} charges applied (failure rate {stats.get('failure_rate')})\n"
         f"events: {tally.ev_succeeded} succeeded, {tally.ev_failed} failed, {tally.ev_retried} "
-        f"retries, {tally.ev_deferred} deferrals (duplicates waiting for an in-flight claim)\n"
+        f"retries, {tally.ev_deferred} duplicates deferred while another message held the claim, "
+        f"{tally.ev_breaker} deferred by an open breaker\n"
         f"time: {tally.elapsed():.1f}s for {tally.published} messages"
     )
     parts: list[Any] = [table, check_table, info]
     if tally.failures:
-        parts.append(Text("failures: " + "; ".join(f"{n} x {why}" for why, n in tally.failures.items())))
-    return Group(*parts), all(ok for _, ok, _ in checks)
+        reasons = "; ".join(f"{n} x {why}{EXPLAIN.get(why, '')}" for why, n in tally.failures.items())
+        parts.append(Text(f"failed: {reasons}"))
+    return Group(*parts), all(ok is not False for _, ok, _ in checks)
 
 
 # -- the run -----------------------------------------------------------------------------
 
 
-def publish(charge: Any, app: Any, tally: Tally, run: str, jobs: int, seed: int) -> list[Any]:
-    """Send every order once and ~10 % twice, shuffled, as a retrying producer would."""
+def messages(run: str, jobs: int, seed: int | None) -> list[tuple[str, dict[str, Any]]]:
+    """(task id, kwargs) for every order, ~10 % of them twice, shuffled like real traffic."""
     rng = random.Random(seed)
-    messages = []
+    orders = []
     for n in range(jobs):
         order = {"order_id": f"{run}-{n:06d}", "customer_id": f"c{rng.randrange(200):03d}",
                  "amount": rng.randrange(100, 50_000)}
-        messages.append(order)
+        orders.append(order)
         if rng.random() < DUPLICATE_SHARE:
-            messages.append(order)
-    rng.shuffle(messages)
-    results = []
-    with app.producer_or_acquire() as producer:
-        for kwargs in messages:
-            results.append(charge.apply_async(kwargs=kwargs, task_id=str(uuid.uuid4()), producer=producer))
-            tally.published += 1
-    return results
+            orders.append(order)  # the same order again, as a producer retrying its publish
+    rng.shuffle(orders)
+    return [(str(uuid.uuid4()), order) for order in orders]
 
 
-def collect(results: list[Any], tally: Tally, timeout: float) -> bool:
-    """Wait on the result backend for every message; False if the time ran out."""
-    from celery.result import ResultSet
+class Publisher(threading.Thread):
+    """Sends the messages while the main thread already collects results.
 
+    It publishes through an app with no result backend: the demo's own app would
+    subscribe to a Redis channel per message and unsubscribe when each ``AsyncResult`` is
+    garbage-collected, which blocks for 20 s of reconnects if Redis is already gone (as
+    after a Ctrl-C). Results are read from the backend by task id instead (``collect``).
+    """
+
+    def __init__(self, broker: str, batch: list[tuple[str, dict[str, Any]]], tally: Tally) -> None:
+        super().__init__(name="demo-publisher", daemon=True)
+        self.broker, self.batch, self.tally = broker, batch, tally
+        self.error: BaseException | None = None
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        from celery import Celery
+
+        sender = Celery("demo-publisher", broker=self.broker, set_as_current=False)
+        sender.conf.update(task_serializer="json", accept_content=["json"])
+        try:
+            with sender.producer_or_acquire() as producer:
+                for task_id, kwargs in self.batch:
+                    if self.stop.is_set():
+                        return
+                    sender.send_task("workers.app.charge", kwargs=kwargs, task_id=task_id,
+                                     producer=producer)
+                    self.tally.published += 1
+        except Exception as exc:  # reported by collect(), which stops waiting
+            self.error = exc
+        finally:
+            sender.close()
+
+
+def collect(app: Any, publisher: Publisher, tally: Tally, timeout: float) -> bool:
+    """Read every message's final state from the result backend; False on timeout.
+
+    ``get_many`` polls with one MGET over the ids still pending, so results can be read
+    while publishing goes on (an id not yet published simply stays pending).
+    """
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    deadline = time.monotonic() + timeout  # get_many's own timeout counts only its sleeps
+
+    def between_polls() -> None:
+        if publisher.error is not None:
+            raise RuntimeError(f"publishing failed: {publisher.error!r}") from publisher.error
+        if time.monotonic() > deadline:
+            raise CeleryTimeout(f"no final state for every message after {timeout:g}s")
+
+    ids = [task_id for task_id, _ in publisher.batch]
     try:
-        for task_id, meta in ResultSet(results).iter_native(timeout=timeout, interval=0.2):
+        for task_id, meta in app.backend.get_many(ids, interval=0.2, on_interval=between_polls):
             tally.retries += int(meta.get("retries") or 0)
             value = meta.get("result")
             if meta.get("status") == "SUCCESS" and isinstance(value, dict):
@@ -333,9 +401,11 @@ def collect(results: list[Any], tally: Tally, timeout: float) -> bool:
                     tally.replayed += 1
             else:
                 tally.failed += 1
-                why = f"{meta.get('status')} {type(value).__name__}"
+                why = type(value).__name__ if isinstance(value, BaseException) else str(meta.get("status"))
+                if why == "CircuitOpen":
+                    tally.breaker_failed += 1
                 tally.failures[why] = tally.failures.get(why, 0) + 1
-    except TimeoutError:
+    except (CeleryTimeout, TimeoutError):
         return False
     return True
 
@@ -357,7 +427,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack, console: Console)
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
     }
     os.environ.update(env)  # before the import: workers.app reads them at import time
-    from workers.app import app, charge
+    from workers.app import app
 
     tally = Tally(jobs=args.jobs)
     events = stack.enter_context(EventCounter(app, tally))
@@ -368,14 +438,20 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack, console: Console)
     console.print(f"redis {base}  downstream {downstream_url}  workers {sorted(tally.workers)}")
 
     screen = Screen(tally, downstream_url)
+    publisher = Publisher(broker, messages(run_id, args.jobs, args.seed), tally)
     tally.started = time.monotonic()
-    with Live(get_renderable=screen.render, console=console, refresh_per_second=4):
-        sent = publish(charge, app, tally, run_id, args.jobs, args.seed)
-        complete = collect(sent, tally, args.timeout)
-        tally.finished = time.monotonic()
-        time.sleep(0.3)  # let the last events land before the final frame
-    stats = screen.poll(force=True)
-    report, ok = summary(tally, stats, timed_out=not complete)
+    try:
+        with Live(get_renderable=screen.render, console=console, refresh_per_second=4):
+            publisher.start()
+            complete = collect(app, publisher, tally, args.timeout)
+            tally.finished = time.monotonic()
+            time.sleep(0.3)  # let the last events land before the final frame
+            screen.poll(force=True)
+    finally:
+        publisher.stop.set()
+        if publisher.is_alive():
+            publisher.join(timeout=5)
+    report, ok = summary(tally, screen.stats, timed_out=not complete, events_ok=events.error is None)
     console.print(report)
     if not complete:
         console.print(f"[bold red]timed out after {args.timeout:g}s[/]; logs: {ROOT}/demo-*.log")
@@ -400,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1 or not 0 <= args.failure_rate <= 1:
         parser.error("--jobs must be >= 1 and --failure-rate in [0, 1]")
     console = Console()
+    if not console.is_terminal:  # piped or logged: rich would assume 80 columns
+        console = Console(width=120)
     # SIGTERM and SIGHUP unwind like Ctrl-C, so the finally below stops every process.
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)

@@ -17,6 +17,7 @@ from .errors import (
     RetryBudgetExhausted,
     StoreUnavailable,
 )
+from .fallback import Degraded, NotFound, unwrap
 from .policy import (
     BreakerPolicy,
     FallbackPolicy,
@@ -25,7 +26,6 @@ from .policy import (
     RetryPolicy,
     TaskPolicy,
 )
-from .fallback import Degraded, NotFound, unwrap
 from .runtime import Runtime, install, runtime_for
 from .switches import reset_breaker, set_switch
 from .task import ResilientTask

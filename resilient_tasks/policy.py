@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeAlias
 
 from .backoff import STRATEGIES
@@ -260,7 +260,7 @@ class FallbackPolicy:
     decay: float = 0.8
     floor: float = 30.0
     max_stale: float | None = None
-    default: Any = NO_DEFAULT
+    default: Any = field(default=NO_DEFAULT, hash=False)  # a dict default must not break hashing
     function: Callable[..., Any] | None = None
     cache_failures: bool = False
     negative_ttl: float = 30.0

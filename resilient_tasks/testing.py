@@ -100,7 +100,10 @@ class RedisServer:
             "warning",
             *self.args,
         ]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Its own session: a Ctrl-C at the terminal must not kill Redis before our cleanup.
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         client = self.client()
         try:
             wait_until(lambda: self._answers(client), timeout=10, what=f"redis-server :{self.port}")

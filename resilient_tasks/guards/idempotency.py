@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from kombu.utils import json as kombu_json
 
-from ..call import OWNER_HEADER, Call, ClaimHandle
+from ..call import DEFERRALS_HEADER, OWNER_HEADER, Call, ClaimHandle
 from ..errors import (
     ClaimLost,
     DuplicateInFlight,
@@ -119,8 +119,12 @@ class IdempotencyGuard:
         call.outcome["idempotency"] = "in_flight"
         if policy.on_duplicate == "drop":
             raise DuplicateInFlight(f"key held by another execution for {remaining:.1f}s more; dropped")
-        jitter = random.uniform(0.0, min(1.0, max(0.05, remaining * 0.1)))
-        defer(call, remaining + jitter, f"duplicate of an in-flight execution ({claim.key if claim else ''})")
+        # Most holders finish long before their lease runs out: look again soon, then
+        # less often, never later than the lease's end (plus jitter so duplicates spread).
+        deferrals = int(call.headers.get(DEFERRALS_HEADER) or 0)
+        wait = min(remaining, 0.25 * 2.0 ** min(deferrals, 16))
+        jitter = random.uniform(0.0, min(1.0, max(0.05, wait * 0.2)))
+        defer(call, wait + jitter, f"duplicate of an in-flight execution ({claim.key if claim else ''})")
 
     def _run(self, call: Call, policy: IdempotencyPolicy, token: int, next: Next) -> Any:
         claim = call.claim

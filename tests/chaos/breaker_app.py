@@ -32,6 +32,8 @@ MIN_CALLS = int(os.environ.get("RT_MIN_CALLS", "10"))
 CALL = """
 local service, brk = ARGV[1], KEYS[1]
 local state = redis.call('HGET', brk, 'state') or 'closed'
+local t = redis.call('TIME')
+redis.call('SET', 'ledger:' .. service .. ':last_call_ms', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 redis.call('HINCRBY', 'ledger:' .. service, 'calls', 1)
 redis.call('HINCRBY', 'ledger:' .. service, 'calls_' .. state, 1)
 if redis.call('GET', 'ledger:' .. service .. ':down') == '1' then
@@ -78,3 +80,14 @@ def call_a(self: rt.ResilientTask, n: int) -> str:
 @app.task(base=rt.ResilientTask, bind=True, name="race.call_b", policy=_policy("B"))
 def call_b(self: rt.ResilientTask, n: int) -> str:
     return call_service("B")
+
+
+@app.task(
+    base=rt.ResilientTask,
+    bind=True,
+    name="race.read_catalog",
+    policy=rt.TaskPolicy(downstream="catalog", fallback=rt.FallbackPolicy(key=("n",), default="stale")),
+)
+def read_catalog(self: rt.ResilientTask, n: int) -> str:
+    call_service("catalog")
+    return "fresh"

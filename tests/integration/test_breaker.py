@@ -76,10 +76,15 @@ def test_open_breaker_defers_without_spending_retries_then_all_succeed(
 def test_when_open_fail_raises_circuit_open_with_retry_after(app: Celery) -> None:
     service = Downstream()
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        downstream="B",
-        breaker=rt.BreakerPolicy(consecutive_failures=2, open_for=30, when_open="fail"),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            downstream="B",
+            breaker=rt.BreakerPolicy(consecutive_failures=2, open_for=30, when_open="fail"),
+        ),
+    )
     def call_b(self: rt.ResilientTask) -> str:
         return service.call()
 
@@ -121,13 +126,19 @@ def test_retry_budget_caps_retries_against_a_dead_downstream(app: Celery) -> Non
     attempts: Counter[int] = Counter()
     lock = threading.Lock()
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        downstream="D",
-        idempotent=True,
-        breaker=rt.BreakerPolicy(min_calls=10_000, window=60),  # never trips here
-        retry=rt.RetryPolicy(max_retries=5, base=0.01, cap=0.02,
-                             budget=rt.RetryBudget(ratio=0.2, min_per_window=2)),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            downstream="D",
+            idempotent=True,
+            breaker=rt.BreakerPolicy(min_calls=10_000, window=60),  # never trips here
+            retry=rt.RetryPolicy(
+                max_retries=5, base=0.01, cap=0.02, budget=rt.RetryBudget(ratio=0.2, min_per_window=2)
+            ),
+        ),
+    )
     def call_d(self: rt.ResilientTask) -> str:
         with lock:
             attempts[self.request.retries] += 1
@@ -152,14 +163,20 @@ def test_unreachable_store_falls_back_to_a_local_breaker(rt_redis_flushed: Redis
     from tests.conftest import make_app
 
     app = make_app(rt_redis_flushed)
-    runtime = rt.install(app, redis_url=f"redis://127.0.0.1:{free_port()}/1",
-                         redis_options={"socket_timeout": 0.2})
+    runtime = rt.install(
+        app, redis_url=f"redis://127.0.0.1:{free_port()}/1", redis_options={"socket_timeout": 0.2}
+    )
     service = Downstream()
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        downstream="E",
-        breaker=rt.BreakerPolicy(consecutive_failures=3, open_for=30, when_open="fail"),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            downstream="E",
+            breaker=rt.BreakerPolicy(consecutive_failures=3, open_for=30, when_open="fail"),
+        ),
+    )
     def call_e(self: rt.ResilientTask) -> str:
         return service.call()
 
@@ -178,10 +195,15 @@ def test_two_downstreams_in_one_task_have_two_breakers(app: Celery, store_client
     warehouse.healthy = True
     erp = Downstream()
 
-    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
-        downstream="inventory",
-        breaker=rt.BreakerPolicy(consecutive_failures=2, open_for=30, when_open="fail"),
-    ))
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            downstream="inventory",
+            breaker=rt.BreakerPolicy(consecutive_failures=2, open_for=30, when_open="fail"),
+        ),
+    )
     def sync(self: rt.ResilientTask) -> str:
         with self.downstream("warehouse-db"):
             warehouse.call()

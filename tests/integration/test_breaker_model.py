@@ -61,15 +61,21 @@ def test_script_and_model_make_the_same_decisions(
                 ours = parse_admission(answer)
                 theirs = model.admit(owner, now)
                 assert (ours.verdict, ours.state, ours.retry_after, ours.consecutive_failures) == (
-                    theirs.verdict, theirs.state, theirs.retry_after, theirs.consecutive_failures,
+                    theirs.verdict,
+                    theirs.state,
+                    theirs.retry_after,
+                    theirs.consecutive_failures,
                 )
                 probes[owner] = ours.probe
             elif kind == "record":
                 probe = probes.pop(owner, False)
-                (answer,) = store.run([
-                    record_op(store, "svc", policy, owner, outcome, probe=probe, first_attempt=first,
-                              now_ms=now)
-                ])
+                (answer,) = store.run(
+                    [
+                        record_op(
+                            store, "svc", policy, owner, outcome, probe=probe, first_attempt=first, now_ms=now
+                        )
+                    ]
+                )
                 transitioned = model.record(owner, outcome, probe=probe, first_attempt=first, now=now)
                 assert _state(answer) == (model.state, transitioned, model.consec)
             else:

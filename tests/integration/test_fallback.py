@@ -1,0 +1,125 @@
+"""Fallbacks with a real worker: last known good, then function, then default, then error."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from celery import Celery
+
+import resilient_tasks as rt
+from resilient_tasks.testing import in_process_worker
+
+
+class Prices:
+    """A pricing service the tests break; it counts calls per SKU."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.calls: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def get(self, sku: str) -> dict[str, object] | rt.NotFound:
+        with self.lock:
+            self.calls[sku] = self.calls.get(sku, 0) + 1
+        if not self.up:
+            raise ConnectionError("pricing is down")
+        if sku.startswith("missing"):
+            return rt.NotFound({"sku": sku, "price": None})
+        return {"sku": sku, "price": len(sku)}
+
+
+def make_task(app: Celery, prices: Prices, **fallback: object) -> object:
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        name=f"price-{id(prices)}",
+        policy=rt.TaskPolicy(
+            downstream="pricing",
+            idempotent=True,
+            breaker=rt.BreakerPolicy(min_calls=1000, when_open="fallback"),
+            retry=rt.RetryPolicy(max_retries=1, base=0.01, cap=0.01, budget=None),
+            fallback=rt.FallbackPolicy(key=("sku",), ttl=120, decay=0.8, floor=30, **fallback),
+        ),
+    )
+    def price(self: rt.ResilientTask, sku: str) -> object:
+        return prices.get(sku)
+
+    return price
+
+
+def test_cached_value_is_served_degraded_when_retries_are_exhausted(app: Celery) -> None:
+    prices = Prices()
+    price = make_task(app, prices)
+    with in_process_worker(app, concurrency=1):
+        fresh = price.delay("abc").get(timeout=20)  # type: ignore[attr-defined]
+        prices.up = False
+        served = price.delay("abc").get(timeout=20)  # type: ignore[attr-defined]
+    assert fresh == {"sku": "abc", "price": 3}
+    value, info = rt.unwrap(served)
+    assert value == fresh
+    assert info is not None and info.source == "cache"
+    assert info.age_s is not None and 0 <= info.age_s < 20
+    assert prices.calls["abc"] == 3, "one fresh call, then the failing call and its one retry"
+
+
+def test_function_then_default_then_error(app: Celery) -> None:
+    prices = Prices()
+    prices.up = False
+    by_function = make_task(app, prices, function=lambda sku: {"sku": sku, "price": "estimate"})
+    with in_process_worker(app, concurrency=1):
+        value, info = rt.unwrap(by_function.delay("never-warmed").get(timeout=20))  # type: ignore[attr-defined]
+    assert value == {"sku": "never-warmed", "price": "estimate"}
+    assert info is not None and info.source == "function" and info.age_s is None
+
+    app2 = app
+    by_default_prices = Prices()
+    by_default_prices.up = False
+    no_fallback_prices = Prices()
+    no_fallback_prices.up = False
+    by_default = make_task(app2, by_default_prices, default={"price": 0})
+    nothing = make_task(app2, no_fallback_prices)
+    with in_process_worker(app2, concurrency=1):
+        value, info = rt.unwrap(by_default.delay("x").get(timeout=20))  # type: ignore[attr-defined]
+        assert value == {"price": 0} and info is not None and info.source == "default"
+        with pytest.raises(ConnectionError, match="pricing is down"):
+            nothing.delay("x").get(timeout=20)  # type: ignore[attr-defined]
+
+
+def test_not_found_is_cached_so_repeats_skip_the_downstream(app: Celery) -> None:
+    prices = Prices()
+    price = make_task(app, prices, negative_ttl=30)
+    with in_process_worker(app, concurrency=1):
+        answers = [price.delay("missing-1").get(timeout=20) for _ in range(5)]  # type: ignore[attr-defined]
+    assert answers == [{"sku": "missing-1", "price": None}] * 5
+    assert prices.calls["missing-1"] == 1
+
+
+def test_errors_are_never_cached_and_oversize_results_are_not_cached(
+    app: Celery, store_client: object
+) -> None:
+    prices = Prices()
+    prices.up = False
+    price = make_task(app, prices, default=None)
+
+    @app.task(
+        base=rt.ResilientTask,
+        bind=True,
+        shared=False,
+        policy=rt.TaskPolicy(
+            fallback=rt.FallbackPolicy(key=("n",), max_size=1000),
+        ),
+    )
+    def big(self: rt.ResilientTask, n: int) -> str:
+        return "x" * n
+
+    with in_process_worker(app, concurrency=1):
+        _, info = rt.unwrap(price.delay("e").get(timeout=20))  # type: ignore[attr-defined]
+        assert info is not None and info.source == "default"
+        assert big.delay(5000).get(timeout=20) == "x" * 5000
+        assert big.delay(10).get(timeout=20) == "x" * 10
+    cached = [k for k in store_client.scan_iter("rt:fb:*")]  # type: ignore[attr-defined]
+    assert len(cached) == 1, "only the small result was cached; no error, no oversize value"
+    assert store_client.hget(cached[0], "value") == b'"xxxxxxxxxx"'  # type: ignore[attr-defined]
+    assert store_client.pttl(cached[0]) > 0  # type: ignore[attr-defined]
