@@ -12,10 +12,8 @@ $(VENV)/bin/python:
 	python3 -m venv $(VENV)
 
 # Re-install only when pyproject.toml or this file changes (the package is editable).
-# kombu's Redis transport needs kombu[redis] (it imports `packaging`); pyproject.toml
-# names plain celery/kombu, so ask for the extra here until it says celery[redis].
 $(VENV)/.installed-demo: pyproject.toml Makefile | $(VENV)/bin/python
-	$(VENV)/bin/python -m pip install -q -e '.[demo]' 'kombu[redis]'
+	$(VENV)/bin/python -m pip install -q -e '.[demo]'
 	touch $@
 
 # `make demo` leaves a .venv without pytest, ruff and mypy: test and lint add them when
@@ -25,7 +23,7 @@ DEV_TOOLS := $(VENV)/.installed-dev
 endif
 
 $(VENV)/.installed-dev: pyproject.toml Makefile | $(VENV)/bin/python
-	$(VENV)/bin/python -m pip install -q -e '.[dev,demo]' 'kombu[redis]'
+	$(VENV)/bin/python -m pip install -q -e '.[dev,demo]'
 	touch $@
 
 demo: $(VENV)/.installed-demo

@@ -50,9 +50,9 @@ POOL, CONCURRENCY = "threads", 8
 DUPLICATE_SHARE = 0.10
 STOP_TIMEOUT = 15.0
 EXPLAIN = {
-    "RetryBudgetExhausted": " (the fleet-wide retry budget of 'payments' was spent: the default "
-    "RetryBudget allows retries up to 20 % of first attempts + 10 per window; a failure rate f "
-    "needs about f/(1-f), 25 % at f=0.2)",
+    "RetryBudgetExhausted": " (the fleet-wide retry budget of 'payments' was spent: "
+    "workers/policies.toml allows retries up to 50 % of first attempts + 20 per window; a "
+    "failure rate f needs about f/(1-f))",
     "DownstreamUnavailable": " (503 on every attempt: max_retries spent)",
 }
 
@@ -123,7 +123,7 @@ def worker_processes(env: dict[str, str], run: str) -> Iterator[list[SubprocessW
             log.unlink(missing_ok=True)
             worker = SubprocessWorker(
                 "workers.app", pool=POOL, concurrency=CONCURRENCY, name=f"demo{n}-{run}",
-                env=env, log=str(log),
+                env=env, log=str(log), queues=["payments", "celery"],
             )
             workers.append(worker.start())
         yield workers
@@ -260,8 +260,8 @@ class Screen:
             f"{elapsed:.1f}s", f"{t.done / elapsed:.0f}" if elapsed > 0 else "-",
         )
         if t.ev_deferred:
-            table.caption = (f"{t.ev_deferred} duplicate(s) found their order in flight and wait "
-                             "out the holder's lease (30 s) before replaying its result")
+            table.caption = (f"{t.ev_deferred} duplicate(s) found their order in flight: they look "
+                             "again shortly and then replay the holder's stored result")
         return table
 
 
@@ -320,6 +320,24 @@ def summary(
         reasons = "; ".join(f"{n} x {why}{EXPLAIN.get(why, '')}" for why, n in tally.failures.items())
         parts.append(Text(f"failed: {reasons}"))
     return Group(*parts), all(ok is not False for _, ok, _ in checks)
+
+
+def breaker_table(app: Any) -> Table:
+    """The breakers exactly as ``celery -A workers.app resilience status`` shows them."""
+    from resilient_tasks import runtime_for
+    from resilient_tasks.cli import server_ms, status_rows
+    from resilient_tasks.switches import breakers
+
+    runtime = runtime_for(app)
+    rows = status_rows(breakers(runtime), server_ms(runtime))
+    table = Table(title="breakers (the numbers `celery -A workers.app resilience status` shows)")
+    columns = ("downstream", "state", "switch", "calls", "failures", "failure_rate", "trips",
+               "opens", "retry_budget_left")
+    for column in columns:
+        table.add_column(column.replace("_", " "))
+    for row in rows:
+        table.add_row(*("-" if row[c] is None else str(row[c]) for c in columns))
+    return table
 
 
 # -- the run -----------------------------------------------------------------------------
@@ -453,6 +471,7 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack, console: Console)
             publisher.join(timeout=5)
     report, ok = summary(tally, screen.stats, timed_out=not complete, events_ok=events.error is None)
     console.print(report)
+    console.print(breaker_table(app))
     if not complete:
         console.print(f"[bold red]timed out after {args.timeout:g}s[/]; logs: {ROOT}/demo-*.log")
     if events.error is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import weakref
 from collections import Counter
@@ -17,9 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from celery import signals
 
+from . import policyfile
 from .breaker import LocalBreaker
 from .call import DEADLINE_HEADER, current_deadline
-from .errors import PolicyError
+from .errors import PolicyError, StoreUnavailable
 from .heartbeat import Heartbeat
 from .policy import BreakerPolicy
 from .store.base import Store
@@ -36,6 +38,7 @@ __all__ = ["Runtime", "install", "runtime_for"]
 log = logging.getLogger(__name__)
 
 REDIS_URL_ENV = "RESILIENT_TASKS_REDIS_URL"
+POLICIES_ENV = "RESILIENT_TASKS_POLICIES"
 _RUNTIMES: weakref.WeakKeyDictionary[Any, Runtime] = weakref.WeakKeyDictionary()
 _PICKLE = {"pickle", "application/x-python-serialize"}
 _REDIS_BROKERS = ("redis", "rediss", "sentinel", "redis+socket")
@@ -67,6 +70,12 @@ class Runtime:
         self._store_pid = os.getpid() if store is not None else -1
         self.heartbeat = Heartbeat(lambda: self.store)
         self.counters: Counter[tuple[str, str]] = Counter()
+        self.policies_path: str | None = None
+        self.policy_file: policyfile.PolicyFile | None = None
+        self.reload_interval = float(os.environ.get("RESILIENT_TASKS_RELOAD_INTERVAL", "1.0"))
+        self._resolved: dict[str, tuple[TaskPolicy, policyfile.Resolved]] = {}
+        self._next_check = 0.0
+        self._refused_mtime: float | None = None
         self._local_breakers: dict[str, LocalBreaker] = {}
 
     def now_ms(self) -> int:
@@ -81,8 +90,15 @@ class Runtime:
         self.counters[(event, downstream)] += 1
 
     def breaker_policy(self, name: str, task_policy: TaskPolicy) -> BreakerPolicy:
-        """The breaker policy for ``name``: the task's own, else the default."""
-        return task_policy.breaker or DEFAULT_BREAKER
+        """The breaker policy for ``name``.
+
+        The task's own downstream: its resolved policy (file layers already merged).
+        Another name (``self.downstream(name)``): ``[downstreams.name]`` of the file when
+        there is one, else the task's breaker policy, else the default."""
+        if name == task_policy.downstream and task_policy.breaker is not None:
+            return task_policy.breaker
+        from_file = self.policy_file.downstreams.get(name) if self.policy_file else None
+        return from_file or task_policy.breaker or DEFAULT_BREAKER
 
     def local_breaker(self, name: str, policy: BreakerPolicy) -> LocalBreaker:
         """This process's stand-in for ``name`` while Redis is unreachable (fail-open)."""
@@ -104,9 +120,73 @@ class Runtime:
             self._store = RedisStore(self.redis_url, prefix=self.prefix, **self._redis_options)
         return self._store
 
+    # -- the worker policies file -------------------------------------------------------
+
+    def load_policies(self, path: str | os.PathLike[str]) -> None:
+        """Load and fully validate the policies file (raises ``PolicyFileError``)."""
+        self.policies_path = str(path)
+        self.policy_file = policyfile.load(self.policies_path)
+        self._resolved.clear()
+        self._next_check = time.monotonic() + self.reload_interval
+
     def policy_for(self, task: ResilientTask) -> TaskPolicy:
-        """The effective policy of ``task`` (the policies file layers on top later)."""
-        return task.policy
+        """The effective policy of ``task``: file layers around the code's policy."""
+        self._maybe_reload()
+        resolved = self._resolved.get(task.name)
+        if resolved is None or resolved[0] is not task.policy:
+            found = policyfile.resolve(task.name, task.policy, self.policy_file)
+            resolved = self._resolved[task.name] = (task.policy, found)
+        return resolved[1].policy
+
+    def resolved(self, name: str, code: TaskPolicy) -> policyfile.Resolved:
+        """The effective policy and the layer that set each field (for ``policies``)."""
+        return policyfile.resolve(name, code, self.policy_file)
+
+    def _maybe_reload(self) -> None:
+        """At most once per ``reload_interval``: stat the file, apply what may change live."""
+        if self.policies_path is None or self.policy_file is None:
+            return
+        now = time.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.reload_interval
+        try:
+            mtime = os.stat(self.policies_path).st_mtime
+        except OSError as exc:
+            log.error("policies file %s unreadable; keeping the last good one: %s", self.policies_path, exc)
+            return
+        if mtime in (self.policy_file.mtime, self._refused_mtime):
+            return
+        try:
+            new = policyfile.load(self.policies_path)
+        except PolicyError as exc:
+            self._refused_mtime = mtime
+            self.count("policy_reload_refused")
+            log.error("policies file change NOT applied (the last good file stays in force):\n%s", exc)
+            return
+        live, refused = policyfile.merge_live(self.policy_file, new)
+        previous_switches = self.policy_file.switches
+        self.policy_file = live
+        self._resolved.clear()
+        self.count("policy_reload")
+        log.warning("policies file %s reloaded: breaker settings and switches applied", self.policies_path)
+        if refused:
+            self.count("policy_reload_partial")
+            log.warning("not applied live, restart the workers to apply: %s", "; ".join(refused))
+        changed = {k: v for k, v in live.switches.items() if previous_switches.get(k) != v}
+        self.apply_file_switches(changed)
+
+    def apply_file_switches(self, switches: dict[str, str] | None = None) -> None:
+        """Write the file's switches to Redis (only values the file changed take effect)."""
+        from .switches import set_switch
+
+        if self.policy_file is None:
+            return
+        for name, mode in (self.policy_file.switches if switches is None else switches).items():
+            try:
+                set_switch(self, name, mode, source="file")
+            except StoreUnavailable as exc:
+                log.error("could not apply switch %s=%s from the policies file: %s", name, mode, exc)
 
     @cached_property
     def _deadline_hook(self) -> Callable[..., None]:
@@ -123,6 +203,12 @@ class Runtime:
                 headers[DEADLINE_HEADER] = min(float(d) for d in candidates)
 
         return hook
+
+
+def _running_celery_cli() -> bool:
+    """True inside ``celery ...`` (where a clean message beats Celery's traceback dump)."""
+    argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return argv0 == "celery" or sys.argv[0].endswith(os.path.join("celery", "__main__.py"))
 
 
 def runtime_for(app: Celery) -> Runtime:
@@ -227,8 +313,7 @@ def install(
     redis_url = redis_url or os.environ.get(REDIS_URL_ENV)
     if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise PolicyError("install.redis_url", f"must be a redis://, rediss:// or unix:// URL: {redis_url!r}")
-    if policies is not None:
-        raise PolicyError("install.policies", "the worker policies file is not supported yet")
+    policies = policies or os.environ.get(POLICIES_ENV) or None
     _check_serializers(app)
     if _configure:
         conf = app.conf
@@ -246,11 +331,20 @@ def install(
         max_result_bytes=max_result_bytes,
         redis_options=redis_options,
     )
+    if policies is not None:
+        try:
+            runtime.load_policies(policies)
+        except policyfile.PolicyFileError as exc:
+            if _running_celery_cli():
+                raise SystemExit(f"resilient-tasks: the worker will not start.\n{exc}") from None
+            raise
     previous = _RUNTIMES.get(app)
     if previous is not None:
         signals.before_task_publish.disconnect(previous._deadline_hook)
     _RUNTIMES[app] = runtime
     signals.before_task_publish.connect(runtime._deadline_hook, weak=False)
+    if runtime.policy_file is not None:
+        signals.worker_ready.connect(lambda sender=None, **_: runtime.apply_file_switches(), weak=False)
     if _configure and app.finalized:
         check_visibility_timeout(app)  # tasks bound later are checked in ResilientTask.bind
     return runtime

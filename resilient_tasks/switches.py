@@ -8,6 +8,8 @@ holds on every worker at its next task, with no extra round trip:
 - ``reject``: fail tasks for it at once with ``CircuitOpen``;
 - ``breaker_disabled``: always call it, count outcomes, never trip;
 - ``forced_open`` / ``forced_closed``: hold the breaker in that state.
+
+``close`` (back to CLOSED, switch normal) and ``reset`` (forget everything) are actions.
 """
 
 from __future__ import annotations
@@ -19,42 +21,41 @@ from .errors import PolicyError
 from .runtime import Runtime, runtime_for
 from .store.base import Op
 
-__all__ = ["MODES", "breakers", "reset_breaker", "set_switch"]
+__all__ = ["ACTIONS", "MODES", "breakers", "close_breaker", "reset_breaker", "set_switch"]
 
 MODES = ("normal", "fallback_only", "reject", "breaker_disabled", "forced_open", "forced_closed")
+ACTIONS = ("close", "reset")
 
 
 def _runtime(target: Any) -> Runtime:
     return target if isinstance(target, Runtime) else runtime_for(target)
 
 
-def set_switch(target: Any, downstream: str, mode: str) -> str:
-    """Set ``downstream``'s switch (``target`` is a Celery app or a runtime); returns the
-    previous mode."""
-    if mode not in MODES:
-        raise PolicyError("switch", f"must be one of {', '.join(MODES)}; got {mode!r}")
+def _apply(target: Any, downstream: str, mode: str, source: str) -> tuple[str, bool]:
     runtime = _runtime(target)
     store = runtime.store
-    op = Op(
-        "set_switch", (breaker_key(store, downstream),), (mode, downstream, runtime.now_ms(), BREAKER_TTL_MS)
-    )
-    (previous,) = store.run([op])
-    return previous.decode() if isinstance(previous, bytes) else str(previous)
+    args = (mode, downstream, runtime.now_ms(), BREAKER_TTL_MS, source)
+    (answer,) = store.run([Op("set_switch", (breaker_key(store, downstream),), args)])
+    previous = answer[0].decode() if isinstance(answer[0], bytes) else str(answer[0])
+    return previous, bool(int(answer[1]))
+
+
+def set_switch(target: Any, downstream: str, mode: str, *, source: str = "cli") -> str:
+    """Set ``downstream``'s switch (``target``: a Celery app or a runtime); returns the
+    previous mode. ``source="file"`` applies only a value the file changed."""
+    if mode not in MODES:
+        raise PolicyError("switch", f"must be one of {', '.join(MODES)}; got {mode!r}")
+    return _apply(target, downstream, mode, source)[0]
+
+
+def close_breaker(target: Any, downstream: str) -> None:
+    """Back to CLOSED with the switch at ``normal`` (its window of outcomes is kept)."""
+    _apply(target, downstream, "close", "cli")
 
 
 def reset_breaker(target: Any, downstream: str) -> None:
     """Forget ``downstream``'s window, state and switch: it starts CLOSED and empty."""
-    runtime = _runtime(target)
-    store = runtime.store
-    store.run(
-        [
-            Op(
-                "set_switch",
-                (breaker_key(store, downstream),),
-                ("reset", downstream, runtime.now_ms(), BREAKER_TTL_MS),
-            )
-        ]
-    )
+    _apply(target, downstream, "reset", "cli")
 
 
 def breakers(target: Any) -> list[dict[str, Any]]:

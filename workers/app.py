@@ -17,7 +17,7 @@ from celery import Celery
 import resilient_tasks as rt
 from examples import downstream
 
-__all__ = ["BROKER_URL", "DOWNSTREAM_URL", "RESULT_BACKEND", "STORE_URL", "app", "charge"]
+__all__ = ["BROKER_URL", "DOWNSTREAM_URL", "POLICIES", "RESULT_BACKEND", "STORE_URL", "app", "charge"]
 
 BROKER_URL = os.environ.get("RT_BROKER_URL", "redis://127.0.0.1:6379/0")
 RESULT_BACKEND = os.environ.get("RT_RESULT_BACKEND", "redis://127.0.0.1:6379/2")
@@ -38,7 +38,13 @@ app.conf.update(
     result_extended=True,
     broker_connection_retry_on_startup=True,
 )
-rt.install(app, redis_url=STORE_URL)
+#: Operators' layer over the code's policies (``RESILIENT_TASKS_POLICIES`` overrides it).
+POLICIES = os.environ.get(
+    "RESILIENT_TASKS_POLICIES", os.path.join(os.path.dirname(__file__), "policies.toml")
+)
+# Queues per downstream class: payments work never waits behind slow inventory syncs.
+app.conf.task_routes = {"workers.app.charge": {"queue": "payments"}}
+rt.install(app, redis_url=STORE_URL, policies=POLICIES)
 
 
 @app.task(  # type: ignore[untyped-decorator]  # Celery ships no type hints

@@ -29,6 +29,7 @@ if rec[1] == false then
   redis.call('HSET', key, 'name', ARGV[15], 'state', 'closed', 'changed_at', now)
 end
 if probe then redis.call('HDEL', key, 'p:' .. owner) end
+redis.call('HSET', key, 'window_ms', window, 'nb', nb)
 
 local function open_breaker()
   local span = open_for

@@ -11,6 +11,7 @@ if now == 0 then
 end
 local ratio, floor_n = tonumber(ARGV[2]), tonumber(ARGV[3])
 local window, nb = tonumber(ARGV[4]), tonumber(ARGV[5])
+redis.call('HSET', key, 'budget_ratio', ARGV[2], 'budget_min', ARGV[3])
 local bucket_ms = math.max(1, math.floor(window / nb))
 local idx = math.floor(now / bucket_ms)
 local attempts, retries = 0, 0

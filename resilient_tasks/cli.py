@@ -1,0 +1,272 @@
+"""``celery -A APP resilience ...``: look at and steer the fleet's breakers and switches.
+
+Registered as a Celery sub-command (the ``celery.commands`` entry point). Every command
+prints a rich table in a terminal and JSON with ``--json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import policyfile
+from .errors import PolicyError, StoreUnavailable
+from .keys import digest
+from .runtime import Runtime, runtime_for
+from .store.base import Op
+from .switches import MODES, breakers, close_breaker, reset_breaker, set_switch
+
+__all__ = ["resilience", "server_ms", "status_rows"]
+
+
+def _runtime(ctx: click.Context) -> Runtime:
+    app = ctx.obj.app if ctx.obj is not None else None
+    if app is None:
+        raise click.UsageError("name the app: celery -A your.module resilience ...")
+    try:
+        return runtime_for(app)
+    except PolicyError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _window(fields: dict[str, str], now_ms: int) -> tuple[int, int, int, int, int]:
+    """Calls, failures, slow calls, first attempts and retries in the current window."""
+    window = int(fields.get("window_ms", "60000"))
+    nb = int(fields.get("nb", "10"))
+    index = now_ms // max(1, window // nb)
+    totals = [0, 0, 0, 0, 0]
+    for slot in range(nb):
+        if int(fields.get(f"t{slot}", "-1")) > index - nb:
+            for i, letter in enumerate("cfsar"):
+                totals[i] += int(fields.get(f"{letter}{slot}", "0"))
+    return totals[0], totals[1], totals[2], totals[3], totals[4]
+
+
+def status_rows(raw: list[dict[str, str]], now_ms: int) -> list[dict[str, Any]]:
+    """One plain row per breaker, as ``status`` shows it."""
+    rows = []
+    for fields in raw:
+        calls, fails, slow, attempts, retries = _window(fields, now_ms)
+        budget_left: float | None = None
+        if "budget_ratio" in fields:
+            allowed = float(fields["budget_ratio"]) * attempts + int(fields.get("budget_min", "0"))
+            budget_left = max(0.0, allowed - retries)
+        state = fields.get("state", "closed")
+        open_until = int(fields.get("open_until", "0"))
+        rows.append(
+            {
+                "downstream": fields.get("name", "?"),
+                "state": state,
+                "switch": fields.get("switch", "normal"),
+                "failure_rate": round(fails / calls, 4) if calls else 0.0,
+                "calls": calls,
+                "failures": fails,
+                "slow_calls": slow,
+                "consecutive_failures": int(fields.get("consec", "0")),
+                "opens": int(fields.get("opens", "0")),
+                "trips": int(fields.get("trips", "0")),
+                "retry_budget_left": budget_left,
+                "open_for_s": round(max(0, open_until - now_ms) / 1000, 1) if state == "open" else 0.0,
+                "last_transition": time.strftime(
+                    "%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(fields.get("changed_at", "0")) / 1000)
+                ),
+            }
+        )
+    return rows
+
+
+def server_ms(runtime: Runtime) -> int:
+    client = getattr(runtime.store, "client", None)
+    if client is None:
+        return int(time.time() * 1000)
+    seconds, micros = client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+def _print(rows: list[dict[str, Any]], title: str, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    table = Table(title=title)
+    columns = list(rows[0]) if rows else ["(none)"]
+    for column in columns:
+        table.add_column(column.replace("_", " "))
+    for row in rows:
+        table.add_row(*("-" if row[c] is None else str(row[c]) for c in columns))
+    Console().print(table)
+
+
+@click.group(name="resilience")
+def resilience() -> None:
+    """Breakers, switches and policies of resilient-tasks."""
+
+
+@resilience.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Every known downstream: state, failure rate, calls, budget, switch."""
+    runtime = _runtime(ctx)
+    try:
+        rows = status_rows(breakers(runtime), server_ms(runtime))
+    except StoreUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
+    _print(rows, "resilience: downstreams", as_json)
+
+
+def _switch(ctx: click.Context, name: str, mode: str, as_json: bool) -> None:
+    runtime = _runtime(ctx)
+    try:
+        if mode == "close":
+            close_breaker(runtime, name)
+            previous = "-"
+        elif mode == "reset":
+            reset_breaker(runtime, name)
+            previous = "-"
+        else:
+            previous = set_switch(runtime, name, mode)
+    except StoreUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
+    result = {"downstream": name, "action": mode, "previous_switch": previous}
+    click.echo(json.dumps(result) if as_json else f"{name}: {mode} (switch was {previous})")
+
+
+@resilience.command(name="open")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def open_(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Force NAME's breaker open on every worker."""
+    _switch(ctx, name, "forced_open", as_json)
+
+
+@resilience.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def close(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Close NAME's breaker now and clear its switch."""
+    _switch(ctx, name, "close", as_json)
+
+
+@resilience.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def reset(ctx: click.Context, name: str, as_json: bool) -> None:
+    """Forget NAME's window, state and switch."""
+    _switch(ctx, name, "reset", as_json)
+
+
+@resilience.command()
+@click.argument("name")
+@click.argument("mode", type=click.Choice(MODES))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def degrade(ctx: click.Context, name: str, mode: str, as_json: bool) -> None:
+    """Set NAME's degrade switch (normal, fallback_only, reject, ...)."""
+    _switch(ctx, name, mode, as_json)
+
+
+@resilience.command()
+@click.argument("key")
+@click.option("--task", "task_name", required=True, help="The task whose record to drop.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def forget(ctx: click.Context, key: str, task_name: str, yes: bool, as_json: bool) -> None:
+    """Drop the idempotency record of KEY for a task: its next message runs the body again."""
+    runtime = _runtime(ctx)
+    record = runtime.store.key("idem", digest(task_name, key))
+    if not yes:
+        click.confirm(
+            f"Drop the idempotency record of {key!r} for {task_name}? The body may run again", abort=True
+        )
+    try:
+        (removed,) = runtime.store.run([Op("forget", (record,), ())])
+    except StoreUnavailable as exc:
+        raise click.ClickException(str(exc)) from exc
+    result = {"task": task_name, "key": key, "record": record, "removed": bool(removed)}
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"{'removed' if removed else 'no record for'} {key!r} of {task_name}")
+
+
+@resilience.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def policies(ctx: click.Context, as_json: bool) -> None:
+    """The effective policy of every resilient task, and the layer that set each field."""
+    from .task import ResilientTask
+
+    runtime = _runtime(ctx)
+    app = ctx.obj.app
+    rows = []
+    for name, task in sorted(app.tasks.items()):
+        if not isinstance(task, ResilientTask):
+            continue
+        resolved = runtime.resolved(name, task.policy)
+        fields = _flatten(resolved.policy)
+        for field_name, value in fields.items():
+            source = resolved.sources.get(field_name, "default")
+            rows.append({"task": name, "field": field_name, "value": value, "set_by": source})
+    _print(rows, f"resilience: effective policies ({runtime.policies_path or 'no policies file'})", as_json)
+
+
+def _flatten(policy: Any) -> dict[str, Any]:
+    import dataclasses
+
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(policy):
+        value = getattr(policy, f.name)
+        if dataclasses.is_dataclass(value):
+            for sub in dataclasses.fields(value):
+                out[f"{f.name}.{sub.name}"] = _show(getattr(value, sub.name))
+        else:
+            out[f.name] = _show(value)
+    return out
+
+
+def _show(value: Any) -> Any:
+    if isinstance(value, tuple) and value and all(isinstance(v, type) for v in value):
+        return [v.__name__ for v in value]
+    if callable(value) and not isinstance(value, type):
+        return getattr(value, "__qualname__", repr(value))
+    if isinstance(value, (str, int, float, bool, list)) or value is None:
+        return value
+    return repr(value)
+
+
+@resilience.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def check(file: str, as_json: bool) -> None:
+    """Validate a worker policies FILE; exit 1 listing every error."""
+    try:
+        loaded = policyfile.load(file)
+    except policyfile.PolicyFileError as exc:
+        if as_json:
+            click.echo(json.dumps({"file": file, "ok": False, "errors": exc.errors}))
+        else:
+            click.echo(str(exc), err=True)
+        sys.exit(1)
+    summary = {
+        "file": file,
+        "ok": True,
+        "downstreams": sorted(loaded.downstreams),
+        "tasks": sorted(loaded.tasks),
+        "switches": loaded.switches,
+    }
+    click.echo(
+        json.dumps(summary)
+        if as_json
+        else f"{file}: ok ({len(loaded.downstreams)} downstreams, "
+        f"{len(loaded.tasks)} tasks, {len(loaded.switches)} switches)"
+    )
