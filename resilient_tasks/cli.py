@@ -99,7 +99,8 @@ def _print(rows: list[dict[str, Any]], title: str, as_json: bool) -> None:
         table.add_column(column.replace("_", " "))
     for row in rows:
         table.add_row(*("-" if row[c] is None else str(row[c]) for c in columns))
-    Console().print(table)
+    # Piped output is not cut to 80 columns: whoever reads it (less, a ticket) can wrap.
+    Console(width=None if sys.stdout.isatty() else 240).print(table)
 
 
 @click.group(name="resilience")
