@@ -12,8 +12,11 @@ Why it is built this way:
   last task end (``task_postrun``). Publishing and worker start-up stay outside the
   window, so the number is the worker-side cost per task, which is where the middleware
   runs, and every variant meets the same warm worker.
-- Variants run interleaved, their order rotated every round, so drift (CPU boost, a noisy
-  neighbour) hits all of them alike; ``ratio_vs_plain`` is the median of per-round ratios.
+- Variants run interleaved, their order rotated every round and reversed after each
+  full rotation (so each variant follows each other one), so drift (CPU boost, a noisy
+  neighbour) and carry-over hit all of them alike; ``ratio_vs_plain`` is the median of
+  per-round ratios. ``plain_control`` (opt-in) is a second plain task: an A/A test
+  whose ratio shows the noise floor of the machine.
 - Store round trips are counted on the wire (every request written on a store
   connection, exact), in the library (``RedisStore`` pipelines) and on the server
   (``INFO commandstats``, a cross-check that also shows the commands Lua scripts run).
@@ -24,6 +27,7 @@ Add a variant by adding a task factory to ``VARIANTS``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -84,11 +88,24 @@ def _idempotency(app: Celery, body: Body) -> Task:
     return idempotency
 
 
+def _plain_control(app: Celery, body: Body) -> Task:
+    """A second plain task: its ratio to ``plain`` shows the machine's noise (A/A test)."""
+
+    @app.task(name="bench.plain_control")
+    def plain_control(n: int) -> int:
+        return body(n)
+
+    return plain_control
+
+
 VARIANTS: dict[str, TaskFactory] = {
     "plain": _plain,
     "retry_policy": _retry_policy,
     "idempotency": _idempotency,
+    "plain_control": _plain_control,
 }
+#: Run when ``--variants`` is not given.
+DEFAULT_VARIANTS = ("plain", "retry_policy", "idempotency")
 
 
 def make_body(sleep_ms: float) -> Body:
@@ -319,6 +336,7 @@ class Bench:
         self.store_admin.flushdb()
         self.results_admin.flushdb()
         self._publish(variant, count)
+        gc.collect()  # the previous variant's garbage is not this one's cost
         self.store_admin.config_resetstat()
         COUNTERS.take()
         window = Window(task.name, count)
@@ -350,21 +368,31 @@ class Bench:
             redis_cpu_s=redis_cpu,
         )
         if self.settings.verbose:
-            print(f"{variant:<14} {sample.tasks_per_s:8.1f} tasks/s  {counters}",
-                  file=sys.stderr, flush=True)
+            cpu_ms = 1000 * (sample.cpu_s + sample.redis_cpu_s) / count
+            print(f"{variant:<14} {sample.tasks_per_s:8.1f} tasks/s {cpu_ms:6.3f} CPU ms/task "
+                  f"{counters}", file=sys.stderr, flush=True)
         return sample
 
+    def orders(self) -> Iterator[list[str]]:
+        """Variant order per round: rotated each round, reversed after each full rotation,
+        so over ``2 * len(variants)`` rounds each variant is first, and follows each other
+        variant, equally often."""
+        size = len(self.variants)
+        for index in range(self.settings.rounds):
+            shift = index % size
+            order = self.variants[shift:] + self.variants[:shift]
+            yield order[::-1] if (index // size) % 2 else order
+
     def run(self) -> list[Sample]:
-        """A discarded warm-up pass, then ``rounds`` interleaved rounds, order rotated."""
+        """A discarded warm-up pass, then ``rounds`` interleaved rounds."""
         samples = []
         with instrument_store(), in_process_worker(
             self.app, pool="threads", concurrency=self.settings.concurrency, queues=[IDLE_QUEUE]
         ) as worker:
             for variant in self.variants:
                 self.measure(variant, self.settings.warmup, worker.hostname)
-            for index in range(self.settings.rounds):
-                shift = index % len(self.variants)
-                for variant in self.variants[shift:] + self.variants[:shift]:
+            for order in self.orders():
+                for variant in order:
                     samples.append(self.measure(variant, self.settings.tasks, worker.hostname))
         return samples
 
@@ -376,9 +404,8 @@ class Bench:
         that other processes on the machine add to throughput.
         """
         costs: dict[str, list[float]] = {v: [] for v in self.variants}
-        for index in range(self.settings.rounds):
-            shift = index % len(self.variants)
-            for variant in self.variants[shift:] + self.variants[:shift]:
+        for order in self.orders():
+            for variant in order:
                 task, first = self.tasks[variant], self._next_n
                 self._next_n += calls
                 start = time.thread_time()
@@ -485,7 +512,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=200, help="discarded tasks per variant")
     parser.add_argument("--concurrency", type=int, default=4, help="worker threads")
     parser.add_argument("--prefetch", type=int, default=4, help="worker_prefetch_multiplier")
-    parser.add_argument("--variants", default=",".join(VARIANTS),
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--sleep-ms", type=float, default=0.0,
                         help="sleep in every task body, like a downstream call (default: none)")

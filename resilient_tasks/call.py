@@ -72,6 +72,7 @@ class Call:
     body_error: BaseException | None = None
     body_seconds: float | None = None
     attributed: dict[int, str] = field(default_factory=dict)
+    finalizers: list[Callable[[Call, BaseException | None], None]] = field(default_factory=list)
     breaker_owner: str = ""
     fallback_key: str | None = None
     breaker_local: bool = False

@@ -26,6 +26,7 @@ from .heartbeat import Heartbeat
 from .policy import BreakerPolicy
 from .store.base import Store
 from .store.redis import RedisStore
+from .telemetry import MetricsSink, default_sinks
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -70,6 +71,7 @@ class Runtime:
         self._store_pid = os.getpid() if store is not None else -1
         self.heartbeat = Heartbeat(lambda: self.store)
         self.counters: Counter[tuple[str, str]] = Counter()
+        self.sinks: list[MetricsSink] = default_sinks()
         self.policies_path: str | None = None
         self.policy_file: policyfile.PolicyFile | None = None
         self.reload_interval = float(os.environ.get("RESILIENT_TASKS_RELOAD_INTERVAL", "1.0"))
@@ -343,6 +345,11 @@ def install(
         signals.before_task_publish.disconnect(previous._deadline_hook)
     _RUNTIMES[app] = runtime
     signals.before_task_publish.connect(runtime._deadline_hook, weak=False)
+    if _configure and not getattr(app, "_rt_metrics_option", False):
+        from .prometheus import add_worker_option
+
+        add_worker_option(app)
+        app._rt_metrics_option = True
     if runtime.policy_file is not None:
         signals.worker_ready.connect(lambda sender=None, **_: runtime.apply_file_switches(), weak=False)
     if _configure and app.finalized:

@@ -28,6 +28,7 @@ from .guards.idempotency import IdempotencyGuard
 from .guards.retry import retry_guard
 from .policy import TaskPolicy
 from .runtime import check_visibility_timeout, parse_expires, runtime_for
+from .telemetry import telemetry_guard
 
 __all__ = ["ResilientTask", "guards_for"]
 
@@ -41,7 +42,7 @@ _FALLBACK = FallbackGuard()
 @lru_cache(maxsize=256)
 def guards_for(policy: TaskPolicy) -> tuple[Callable[..., Any], ...]:
     """The visible, ordered chain for one policy: only the guards it needs."""
-    chain: list[Callable[..., Any]] = [deadline_guard]
+    chain: list[Callable[..., Any]] = [telemetry_guard, deadline_guard]
     if policy.idempotency is not None:
         chain.append(_IDEMPOTENCY)
     if policy.downstream is not None or policy.breaker is not None:
@@ -136,12 +137,18 @@ class ResilientTask(Task):  # type: ignore[misc]
         token = current_call.set(call)
         try:
             result = run_chain(guards, call, _body)
-        except BaseException:
+        except BaseException as exc:
             _finish(call, failed=True)
+            _report(call, exc)
             raise
         finally:
             current_call.reset(token)
-        _finish(call, failed=False)
+        try:
+            _finish(call, failed=False)
+        except BaseException as exc:
+            _report(call, exc)
+            raise
+        _report(call, None)
         return call.result if call.has_result else result
 
 
@@ -156,6 +163,11 @@ def _body(call: Call) -> Any:
         raise
     finally:
         call.body_seconds = time.monotonic() - started
+
+
+def _report(call: Call, error: BaseException | None) -> None:
+    for finalizer in call.finalizers:
+        finalizer(call, error)
 
 
 def _deadline(headers: dict[str, Any], request: Any, policy: TaskPolicy, now: float) -> float | None:
