@@ -24,7 +24,7 @@ from .call import DEADLINE_HEADER, current_deadline
 from .errors import PolicyError, StoreUnavailable
 from .heartbeat import Heartbeat
 from .policy import BreakerPolicy
-from .store.base import Store
+from .store.base import Op, Store
 from .store.redis import RedisStore
 from .telemetry import MetricsSink, default_sinks
 
@@ -60,6 +60,7 @@ class Runtime:
         clock: Callable[[], float] = time.time,
         max_result_bytes: int = 512 * 1024,
         redis_options: dict[str, Any] | None = None,
+        epoch_guard: bool = True,
     ) -> None:
         self.app = app
         self.redis_url = redis_url
@@ -71,6 +72,8 @@ class Runtime:
         self._store_pid = os.getpid() if store is not None else -1
         self.heartbeat = Heartbeat(lambda: self.store)
         self.counters: Counter[tuple[str, str]] = Counter()
+        self.epoch_guard = epoch_guard
+        self.epoch_seen = False
         self.sinks: list[MetricsSink] = default_sinks()
         self.policies_path: str | None = None
         self.policy_file: policyfile.PolicyFile | None = None
@@ -79,6 +82,38 @@ class Runtime:
         self._next_check = 0.0
         self._refused_mtime: float | None = None
         self._local_breakers: dict[str, LocalBreaker] = {}
+
+    # -- the epoch: noticing a store that lost its data ----------------------------------
+
+    def epoch_keys(self) -> tuple[str, ...]:
+        """Keys the claim script checks for a restart that lost data (single-node only)."""
+        if not self.epoch_guard:
+            return ()
+        store = self.store
+        return (store.key("meta", "epoch"), store.key("meta", "epoch", "amnesia"))
+
+    def reset_epoch(self, *, seen_before: bool) -> tuple[bool, int]:
+        """Create the epoch marker; if this process had seen one, declare amnesia."""
+        import uuid
+
+        epoch, amnesia = self.epoch_keys()
+        window = int(self.longest_lease() * 1000)
+        op = Op("epoch", (epoch, amnesia), (int(seen_before), window, uuid.uuid4().hex))
+        (answer,) = self.store.run([op])
+        return bool(int(answer[0])), int(answer[1])
+
+    def longest_lease(self) -> float:
+        """The longest idempotency lease of this app's tasks (how long an old run may live)."""
+        from .guards.idempotency import DEFAULT_LEASE
+
+        longest = 0.0
+        for task in list(self.app.tasks.values()):
+            policy = getattr(task, "policy", None)
+            idem = getattr(policy, "idempotency", None)
+            if idem is not None:
+                limit = getattr(task, "time_limit", None) or self.app.conf.task_time_limit
+                longest = max(longest, idem.lease or (float(limit) if limit else DEFAULT_LEASE))
+        return longest or DEFAULT_LEASE
 
     def now_ms(self) -> int:
         """Time for the scripts: 0 lets Redis use its own clock (one clock for the fleet);
@@ -304,6 +339,7 @@ def install(
     reject_on_worker_lost: bool = True,
     max_result_bytes: int = 512 * 1024,
     redis_options: dict[str, Any] | None = None,
+    epoch_guard: bool = True,
     _configure: bool = True,
 ) -> Runtime:
     """Wire resilient-tasks into ``app``: safe settings, the store and the publish hook.
@@ -332,6 +368,7 @@ def install(
         clock=clock,
         max_result_bytes=max_result_bytes,
         redis_options=redis_options,
+        epoch_guard=epoch_guard,
     )
     if policies is not None:
         try:

@@ -69,7 +69,7 @@ class IdempotencyGuard:
         return [
             Op(
                 "claim",
-                (key,),
+                (key, *call.runtime.epoch_keys()),
                 (
                     owner,
                     lease_ms,
@@ -103,6 +103,10 @@ class IdempotencyGuard:
             call.outcome["idempotency"] = "store_unavailable"
             defer(call, random.uniform(1.0, 5.0), f"idempotency store unavailable: {exc}", exc)
         verdict = _text(answer[0])
+        if verdict in ("no_epoch", "amnesia"):
+            answer = self._epoch(call, answer)
+            verdict = _text(answer[0])
+        call.runtime.epoch_seen = True
         if verdict == "claimed":
             return self._run(call, policy, int(answer[1]), next)
         claim, call.claim = call.claim, None
@@ -125,6 +129,29 @@ class IdempotencyGuard:
         wait = min(remaining, 0.25 * 2.0 ** min(deferrals, 16))
         jitter = random.uniform(0.0, min(1.0, max(0.05, wait * 0.2)))
         defer(call, wait + jitter, f"duplicate of an in-flight execution ({claim.key if claim else ''})")
+
+    def _epoch(self, call: Call, answer: Any) -> Any:
+        """The store has no epoch marker: first start, or a restart that lost our data."""
+        runtime = call.runtime
+        if _text(answer[0]) == "no_epoch":
+            seen = runtime.epoch_seen
+            _, window = runtime.reset_epoch(seen_before=seen)
+            if not seen:  # a fresh fleet: nothing can be in flight, claim again
+                runtime.epoch_seen = True
+                (again,) = runtime.store.run(self.prepare_again(call))
+                if _text(again[0]) not in ("no_epoch", "amnesia"):
+                    return again
+            answer = [b"amnesia", 0, window or int(runtime.longest_lease() * 1000)]
+        remaining = int(answer[2]) / 1000.0
+        call.claim = None
+        call.outcome["idempotency"] = "store_amnesia"
+        runtime.count("store_amnesia")
+        log.error("the store lost its data (restart without persistence?): claims fail closed "
+                  "for %.0fs more", remaining)
+        defer(call, remaining + random.uniform(0.0, 1.0), "idempotency store lost its data")
+
+    def prepare_again(self, call: Call) -> list[Op]:
+        return self.prepare(call)
 
     def _run(self, call: Call, policy: IdempotencyPolicy, token: int, next: Next) -> Any:
         claim = call.claim

@@ -9,6 +9,7 @@ only the ops that did not execute, which is safe because a NOSCRIPT op changed n
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -20,6 +21,8 @@ from ..errors import StoreUnavailable
 from .base import Op
 
 __all__ = ["SCRIPTS", "RedisStore", "load_scripts"]
+
+log = logging.getLogger(__name__)
 
 
 def load_scripts() -> dict[str, str]:
@@ -52,6 +55,7 @@ class RedisStore:
             raise ValueError(f"prefix {prefix!r} must be non-empty with no braces, '*' or spaces")
         self.prefix = prefix
         self.url = url
+        self._eviction_checked = False
         self.client: redis.Redis = client or redis.Redis.from_url(
             url,
             socket_timeout=socket_timeout,
@@ -70,9 +74,29 @@ class RedisStore:
         except RedisError as exc:
             raise StoreUnavailable(f"redis store at {self._where()} is unreachable: {exc}") from exc
 
+    def check_eviction(self) -> str | None:
+        """Warn (once per process) when Redis may evict our records to make room.
+
+        Every key we write has a TTL, so any eviction policy but ``noeviction`` may drop a
+        live claim and let a duplicate run; with ``noeviction`` a full Redis refuses the
+        claim and the task is re-queued instead."""
+        self._eviction_checked = True
+        try:
+            policy = str(self.client.config_get("maxmemory-policy").get("maxmemory-policy", ""))
+        except RedisError:  # CONFIG may be refused to an ACL user: nothing to learn
+            return None
+        if policy and policy != "noeviction":
+            log.warning(
+                "redis store %s has maxmemory-policy=%s: it may evict idempotency records under "
+                "memory pressure; use noeviction for the store", self._where(), policy,
+            )
+        return policy
+
     def run(self, ops: Sequence[Op]) -> list[Any]:
         if not ops:
             return []
+        if not self._eviction_checked:
+            self.check_eviction()
         try:
             results = self._send(ops)
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]

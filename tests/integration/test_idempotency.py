@@ -10,7 +10,7 @@ import pytest
 from celery import Celery
 
 import resilient_tasks as rt
-from resilient_tasks.testing import in_process_worker
+from resilient_tasks.testing import in_process_worker, wait_until
 
 
 def test_duplicate_publish_replays_the_stored_result(app: Celery) -> None:
@@ -227,3 +227,29 @@ def test_store_down_fails_closed_and_never_runs_unguarded(rt_redis_flushed: obje
     with in_process_worker(app, concurrency=1), pytest.raises(rt.DeadlineExceeded):
         guarded.delay(1).get(timeout=30)
     assert runs == []
+
+
+def test_a_store_that_lost_its_data_fails_closed_for_the_longest_lease(
+    app: Celery, store_client: object
+) -> None:
+    runs: list[str] = []
+
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+        idempotency=rt.IdempotencyPolicy(key=("job",), lease=1.5),
+    ))
+    def job(self: rt.ResilientTask, job: str) -> str:
+        runs.append(job)
+        return job
+
+    runtime = rt.runtime_for(app)
+    with in_process_worker(app, concurrency=1):
+        assert job.delay("k1").get(timeout=20) == "k1"
+        store_client.flushdb()  # type: ignore[attr-defined]  # a restart without persistence
+        result = job.delay("k2")
+        amnesia = runtime.epoch_keys()[1]
+        wait_until(lambda: store_client.exists(amnesia), timeout=10, what="amnesia declared")  # type: ignore[attr-defined]
+        assert 0 < store_client.pttl(amnesia) <= 1500  # type: ignore[attr-defined]
+        assert runs == ["k1"], "nothing runs while the store cannot vouch for in-flight claims"
+        assert result.get(timeout=20) == "k2"
+    assert runs == ["k1", "k2"]
+    assert runtime.counters[("store_amnesia", "")] >= 1

@@ -113,3 +113,30 @@ def test_unreachable_redis_is_store_unavailable() -> None:
 def test_hostile_prefix_is_refused() -> None:
     with pytest.raises(ValueError, match="prefix"):
         RedisStore("redis://127.0.0.1:1/0", prefix="a{b}")
+
+
+def test_an_evicting_store_is_reported(rt_redis_flushed: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    client = rt_redis_flushed.client()
+    client.config_set("maxmemory-policy", "volatile-lru")
+    try:
+        store = RedisStore(rt_redis_flushed.url(1))
+        with caplog.at_level("WARNING"):
+            assert store.check_eviction() == "volatile-lru"
+        assert "may evict idempotency records" in caplog.text
+        client.config_set("maxmemory-policy", "noeviction")
+        assert RedisStore(rt_redis_flushed.url(1)).check_eviction() == "noeviction"
+    finally:
+        client.config_set("maxmemory-policy", "noeviction")
+        client.close()
+
+
+def test_a_full_store_refuses_the_claim(rt_redis_flushed: RedisServer) -> None:
+    client = rt_redis_flushed.client()
+    client.config_set("maxmemory", "1")
+    try:
+        store = RedisStore(rt_redis_flushed.url(1))
+        with pytest.raises(StoreUnavailable, match="maxmemory|OOM"):
+            claim(store, store.key("idem", "full"), "a", now=T0)
+    finally:
+        client.config_set("maxmemory", "0")
+        client.close()

@@ -1,10 +1,24 @@
 -- claim: take the idempotency record for one execution, or say why not.
--- KEYS[1] record hash
+-- KEYS[1] record hash; optional KEYS[2] epoch key, KEYS[3] amnesia marker (single-node
+-- Redis only: they guard against a restart that lost every in-flight record)
 -- ARGV: owner, lease_ms, ttl_ms, fingerprint ('' = none), task_id, now_ms (0 = server TIME),
 --       handoff ('' or the owner id of the execution this retry continues)
 -- Returns {'claimed', token} | {'done', token, result, done_at_ms, now_ms}
 --       | {'in_flight', token, remaining_ms} | {'conflict', token}
+--       | {'amnesia', 0, remaining_ms} | {'no_epoch', 0}
 local key = KEYS[1]
+if KEYS[3] then
+  local window = redis.call('PTTL', KEYS[3])
+  if window > 0 then
+    return {'amnesia', 0, window}
+  end
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    return {'no_epoch', 0}
+  end
+  if redis.call('PTTL', KEYS[2]) < 518400000 then
+    redis.call('PEXPIRE', KEYS[2], 604800000)
+  end
+end
 local now = tonumber(ARGV[6])
 if now == 0 then
   local t = redis.call('TIME')
