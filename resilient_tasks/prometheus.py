@@ -4,6 +4,10 @@ Prefork pools run tasks in child processes, so counters use prometheus-client's
 multiprocess mode: each child writes its own files under ``PROMETHEUS_MULTIPROC_DIR``
 (a fresh temporary folder unless you set one) and the worker's main process serves the
 sum. Without it every child would count alone and the endpoint would undercount.
+
+It listens on every interface unless told otherwise (``--resilience-metrics-address``,
+the ``resilient_tasks_metrics_address`` setting or ``RESILIENT_TASKS_METRICS_ADDR``).
+Give each worker its own ``PROMETHEUS_MULTIPROC_DIR``: a starting worker empties it.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from celery import bootsteps, signals
 
 from .telemetry import STATE_CODES
 
-__all__ = ["METRICS_PORT_ENV", "MetricsStep", "PrometheusMetrics", "add_worker_option"]
+__all__ = ["METRICS_ADDR_ENV", "METRICS_PORT_ENV", "MetricsStep", "PrometheusMetrics", "add_worker_option"]
 
 log = logging.getLogger(__name__)
 
 METRICS_PORT_ENV = "RESILIENT_TASKS_METRICS_PORT"
+METRICS_ADDR_ENV = "RESILIENT_TASKS_METRICS_ADDR"
+DEFAULT_ADDRESS = "0.0.0.0"
 _DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
@@ -93,13 +99,26 @@ def _multiprocess_dir() -> str:
 class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Worker bootstep: serve /metrics on the port given by option, setting or env."""
 
-    def __init__(self, worker: Any, resilience_metrics_port: int | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        worker: Any,
+        resilience_metrics_port: int | None = None,
+        resilience_metrics_address: str | None = None,
+        **options: Any,
+    ) -> None:
+        conf = worker.app.conf
         port = (
             resilience_metrics_port
-            or worker.app.conf.get("resilient_tasks_metrics_port")
+            or conf.get("resilient_tasks_metrics_port")
             or os.environ.get(METRICS_PORT_ENV)
         )
         self.port = int(port) if port else None
+        self.address = str(
+            resilience_metrics_address
+            or conf.get("resilient_tasks_metrics_address")
+            or os.environ.get(METRICS_ADDR_ENV)
+            or DEFAULT_ADDRESS
+        )
         self.server: Any = None
         self.owned_dir: str | None = None
         if self.port is None:
@@ -121,8 +140,8 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        self.server, _ = start_http_server(self.port, registry=registry)
-        log.warning("resilience metrics on http://0.0.0.0:%s/metrics", self.port)
+        self.server, _ = start_http_server(self.port, addr=self.address, registry=registry)
+        log.warning("resilience metrics on http://%s:%s/metrics", self.address, self.port)
 
     def stop(self, worker: Any) -> None:
         if self.server is not None:
@@ -149,6 +168,14 @@ def add_worker_option(app: Any) -> None:
             type=int,
             default=None,
             help="Serve resilient-tasks Prometheus metrics on this port (multiprocess-safe).",
+        )
+    )
+    app.user_options["worker"].add(
+        Option(
+            ["--resilience-metrics-address"],
+            type=str,
+            default=None,
+            help=f"Address the metrics endpoint listens on (default {DEFAULT_ADDRESS}).",
         )
     )
     app.steps["worker"].add(MetricsStep)

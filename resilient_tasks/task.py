@@ -35,6 +35,8 @@ __all__ = ["ResilientTask", "guards_for"]
 log = logging.getLogger(__name__)
 
 _IDEMPOTENCY = IdempotencyGuard()
+#: Pauses between tries of the ``end`` round trip (``None``: give up).
+END_RETRY_PAUSES: tuple[float | None, ...] = (0.05, 0.25, None)
 _BREAKER = BreakerGuard()
 _FALLBACK = FallbackGuard()
 
@@ -192,15 +194,24 @@ def _finish(call: Call, *, failed: bool) -> None:
         return
     ops = [op for op, _ in call.end_ops]
     started = time.monotonic()
-    try:
-        answers = call.runtime.store.run(ops)
-    except StoreUnavailable as exc:
-        log.error("could not record the outcome (%s ops) in the store: %s", len(ops), exc)
-        if not failed:
-            call.outcome["end"] = "store_unavailable"
+    answers: list[Any] | None = None
+    # The side effect has happened: losing its completion would let a duplicate run it
+    # again after the lease. Worth a few short tries (the writes are owner-checked, so a
+    # repeat of one that did land is refused harmlessly).
+    for pause in END_RETRY_PAUSES:
+        try:
+            answers = call.runtime.store.run(ops)
+            break
+        except StoreUnavailable as exc:
+            if pause is None:
+                log.error("could not record the outcome (%s ops) in the store: %s", len(ops), exc)
+                call.outcome["end"] = "store_unavailable"
+                call.runtime.count("end_lost")
+            else:
+                time.sleep(pause)
+    call.outcome["end_ms"] = (time.monotonic() - started) * 1000
+    if answers is None:
         return
-    finally:
-        call.outcome["end_ms"] = (time.monotonic() - started) * 1000
     for (_, callback), answer in zip(call.end_ops, answers, strict=True):
         if callback is not None and not failed:
             callback(answer)

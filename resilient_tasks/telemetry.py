@@ -7,20 +7,41 @@ other guards) once the call and its ``end`` round trip are over, and reports:
   opened (names in ``ATTRIBUTES``), when OpenTelemetry is installed;
 - counters per outcome, and the breaker state per downstream, through the sinks the
   runtime holds (the OTel meter, the Prometheus exporter of ``resilient_tasks.prometheus``);
-- a custom Celery event per notable outcome (``task-deduplicated``, ...) so Flower's task
-  page, its API and its ``/metrics`` show them.
+- a custom Celery event per notable outcome (``task-deduplicated``, ...) so Flower's
+  ``/metrics`` counts them and its task page shows their fields (with ``flower_format_task``).
+
+Events are sent only where Celery sends task events: ``celery worker -E`` (or
+``worker_send_task_events = True``). A worker's ``-E`` reaches its prefork children; a
+remote ``enable_events`` (Flower does one every few seconds) reaches only pools that run
+tasks in the worker's own process (threads, solo, gevent, eventlet).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
+
+from celery import signals
 
 from .call import Call
 from .guards import Next
 
-__all__ = ["EVENTS", "OUTCOMES", "STATE_CODES", "MetricsSink", "classify", "telemetry_guard"]
+__all__ = [
+    "ATTRIBUTES",
+    "EVENTS",
+    "OUTCOMES",
+    "STATE_CODES",
+    "MetricsSink",
+    "OTelMetrics",
+    "classify",
+    "event_field",
+    "flower_format_task",
+    "task_events_enabled",
+    "telemetry_guard",
+]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +64,22 @@ EVENTS = {
     "deferred": "task-deferred",
     "budget_exhausted": "task-budget-exhausted",
 }
+#: Span attributes (DESIGN.md "Observability"); events carry them as ``event_field(name)``.
+ATTRIBUTES = (
+    "resilience.retry.attempt",
+    "resilience.retry.is_retry",
+    "resilience.retry.original_id",
+    "resilience.retry.delay_s",
+    "resilience.breaker.name",
+    "resilience.breaker.state",
+    "resilience.idempotency.outcome",
+    "resilience.fallback.served",
+    "resilience.fallback.source",
+    "resilience.fallback.age_s",
+    "resilience.deadline.remaining_s",
+)
+#: The event field naming the outcome; the others are ``event_field(attribute)``.
+OUTCOME_FIELD = "resilience_outcome"
 #: Breaker states as gauge values.
 STATE_CODES = {"closed": 0, "half_open": 1, "open": 2, "forced_open": 3, "disabled": 4}
 
@@ -133,17 +170,54 @@ def _span(call: Call, attrs: dict[str, Any]) -> None:
         )
 
 
+def event_field(attribute: str) -> str:
+    """The Celery event field for a span attribute (``resilience.retry.attempt`` ->
+    ``resilience_retry_attempt``): a plain name Flower can show as a task field."""
+    return attribute.replace(".", "_")
+
+
+# The worker of each app in this process, and the pid that started it: ``-E`` is a
+# worker option, not a setting, so ``app.conf`` alone does not say whether it was given.
+_WORKERS: weakref.WeakKeyDictionary[Any, tuple[weakref.ref[Any], int]] = weakref.WeakKeyDictionary()
+
+
+def _remember_worker(sender: Any = None, **_: Any) -> None:
+    app = getattr(sender, "app", None)
+    if app is not None:
+        _WORKERS[app] = (weakref.ref(sender), os.getpid())
+
+
+signals.worker_init.connect(_remember_worker, weak=False, dispatch_uid="rt-telemetry-worker-init")
+
+
+def task_events_enabled(task: Any) -> bool:
+    """Does this worker send task events (``-E``, the setting, or a remote enable)?"""
+    request = task.request
+    if not request.hostname or request.is_eager:
+        return False
+    app = task.app
+    if app.conf.worker_send_task_events:
+        return True
+    found = _WORKERS.get(app)
+    worker = found[0]() if found is not None else None
+    if worker is None:
+        return False
+    dispatcher = getattr(getattr(worker, "consumer", None), "event_dispatcher", None)
+    if dispatcher is not None and found is not None and found[1] == os.getpid():
+        # The worker's own dispatcher, live: follows enable_events/disable_events too.
+        return bool(dispatcher.enabled and (not dispatcher.groups or "task" in dispatcher.groups))
+    return bool(getattr(worker, "task_events", False))  # a prefork child: what -E said
+
+
 def _events(call: Call, outcomes: list[str], attrs: dict[str, Any]) -> None:
     task = call.task
-    if not task.app.conf.worker_send_task_events or not task.request.hostname:
+    kinds = [(outcome, EVENTS[outcome]) for outcome in outcomes if outcome in EVENTS]
+    if not kinds or not task_events_enabled(task):
         return
-    fields = {k.replace(".", "_"): v for k, v in attrs.items()}
-    for outcome in outcomes:
-        kind = EVENTS.get(outcome)
-        if kind is None:
-            continue
+    fields = {event_field(k): v for k, v in attrs.items()}
+    for outcome, kind in kinds:
         try:
-            task.send_event(kind, resilience_outcome=outcome, **fields)
+            task.send_event(kind, **{OUTCOME_FIELD: outcome}, **fields)
         except Exception as exc:  # an event is worth less than the task that sends it
             log.warning("could not send %s: %s", kind, exc)
 
@@ -158,7 +232,9 @@ def report(call: Call, error: BaseException | None) -> None:
         name = call.task.name
         downstream = str(call.policy.downstream or call.outcome.get("breaker_rejected") or "")
         for outcome in outcomes:
-            runtime.count(outcome, downstream)
+            # Namespaced: the guards count some of these events themselves
+            # (``fallback_served``, ``rejected_open``, ...) under the bare name.
+            runtime.count(f"outcome.{outcome}", downstream)
             for sink in runtime.sinks:
                 sink.outcome(outcome, name, downstream)
         state = call.outcome.get("breaker_transition") or call.outcome.get("breaker_state")
@@ -181,11 +257,15 @@ def telemetry_guard(call: Call, next: Next) -> Any:
 
 
 class OTelMetrics:
-    """Counters and gauges through the OpenTelemetry meter (no-op without an SDK)."""
+    """Counters and gauges through the OpenTelemetry meter (no-op without an SDK).
 
-    def __init__(self) -> None:
+    Without ``meter_provider`` it uses the global one, and a provider set later (in
+    ``worker_process_init``, after ``install``) still receives the measurements.
+    """
+
+    def __init__(self, meter_provider: Any = None) -> None:
         assert otel_metrics is not None
-        meter = otel_metrics.get_meter("resilient_tasks")
+        meter = otel_metrics.get_meter("resilient_tasks", meter_provider=meter_provider)
         self._outcomes = meter.create_counter(
             "resilience.outcomes", unit="{call}", description="task calls by resilience outcome"
         )
@@ -196,7 +276,7 @@ class OTelMetrics:
         meter.create_observable_gauge(
             "resilience.breaker.state",
             callbacks=[self._observe],
-            description="0 closed, 1 half-open, 2 open, 3 forced open",
+            description="0 closed, 1 half-open, 2 open, 3 forced open, 4 disabled",
         )
 
     def _observe(self, options: Any) -> Any:
@@ -217,6 +297,26 @@ class OTelMetrics:
 def default_sinks() -> list[MetricsSink]:
     """The OTel meter when OpenTelemetry is installed; Prometheus is added by its step."""
     return [OTelMetrics()] if otel_metrics is not None else []
+
+
+def flower_format_task(task: Any) -> Any:
+    """Flower's ``format_task`` hook: show the ``resilience_*`` fields of our events.
+
+    Flower keeps every field of a custom task event on its task object but its task page
+    lists only the standard ``Task._fields``. In ``flowerconfig.py``::
+
+        from resilient_tasks.telemetry import flower_format_task as format_task
+
+    Flower passes a copy of its task object; this one lists the extra fields on it.
+    """
+    present = vars(task)
+    order = (OUTCOME_FIELD, *(event_field(name) for name in ATTRIBUTES))
+    known = [name for name in order if name in present]
+    others = sorted(k for k in present if k.startswith("resilience_") and k not in known)
+    extra = [name for name in (*known, *others) if name not in task._fields]
+    if extra:
+        task._fields = (*task._fields, *extra)
+    return task
 
 
 Finalizer = Callable[[Call, BaseException | None], None]

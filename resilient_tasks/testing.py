@@ -22,7 +22,11 @@ from typing import Any
 
 import redis
 
+from .faultproxy import FaultProxy, Faults
+
 __all__ = [
+    "FaultProxy",
+    "Faults",
     "RedisServer",
     "SubprocessWorker",
     "free_port",

@@ -189,6 +189,13 @@ def _completed(call: Call, claim: ClaimHandle, answer: Any) -> None:
     if int(answer[0]) == 1:
         return
     state = _text(answer[1])
+    if not state:
+        # The record is gone (the store lost its data, or an operator forgot it): nobody
+        # else completed this key, and our body ran under a valid claim. Keep our result.
+        call.outcome["idempotency"] = "record_gone"
+        call.runtime.count("complete_record_gone")
+        log.warning("claim token %s: the record vanished before completion; result kept", claim.token)
+        return
     call.outcome["idempotency"] = "claim_lost"
     if state == "done":
         call.replace_result(_decode(answer[2]))

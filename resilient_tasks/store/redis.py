@@ -15,7 +15,9 @@ from importlib import resources
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.retry import Retry
 
 from ..errors import StoreUnavailable
 from .base import Op
@@ -56,6 +58,9 @@ class RedisStore:
         self.prefix = prefix
         self.url = url
         self._eviction_checked = False
+        # No silent re-sends: a script whose reply was lost may have run, and only the
+        # guards know whether running it again is safe.
+        options.setdefault("retry", Retry(NoBackoff(), 0))
         self.client: redis.Redis = client or redis.Redis.from_url(
             url,
             socket_timeout=socket_timeout,

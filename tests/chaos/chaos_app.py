@@ -12,7 +12,7 @@ import os
 import time
 
 import redis
-from celery import Celery
+from celery import Celery, signals
 
 import resilient_tasks as rt
 
@@ -49,6 +49,10 @@ return 'applied'
 """
 
 _ledger = redis.Redis.from_url(LEDGER)
+if os.environ.get("RT_STORE_SOCKET_TIMEOUT"):
+    rt.install(
+        app, redis_url=STORE, redis_options={"socket_timeout": float(os.environ["RT_STORE_SOCKET_TIMEOUT"])}
+    )
 _apply = _ledger.register_script(APPLY)
 
 
@@ -59,7 +63,28 @@ _apply = _ledger.register_script(APPLY)
     policy=rt.TaskPolicy(idempotency=rt.IdempotencyPolicy(key=("job",), lease=LEASE, ttl=3600)),
 )
 def apply_once(self: rt.ResilientTask, job: str, pause: float = 0.0) -> str:
+    started = time.monotonic()
     _ledger.hset("started", job, self.idempotency.token)
     time.sleep(WORK_S + pause)
     outcome = _apply(args=[job, self.idempotency.token])
+    _ledger.hset("body_s", f"{job}:{self.idempotency.token}", round(time.monotonic() - started, 3))
     return outcome.decode() if isinstance(outcome, bytes) else str(outcome)
+
+
+_started: dict[str, float] = {}
+
+
+@signals.task_prerun.connect
+def _clock_in(task_id: str | None = None, **_: object) -> None:
+    if task_id:
+        _started[task_id] = time.monotonic()
+
+
+@signals.task_postrun.connect
+def _clock_out(task_id: str | None = None, **_: object) -> None:
+    """Each execution's whole time in the worker, store round trips included."""
+    began = _started.pop(task_id or "", None)
+    if began is not None:
+        spent = time.monotonic() - began
+        if spent > float(_ledger.get("exec_max_s") or 0):
+            _ledger.set("exec_max_s", round(spent, 3))
