@@ -76,14 +76,7 @@ class PrometheusMetrics:
 
 
 def _multiprocess_dir() -> str:
-    """Set up the folder before prometheus_client is imported (it reads it at import)."""
-    if "prometheus_client" in sys.modules and not os.environ.get(_DIR_ENV):
-        log.error(
-            "prometheus_client was imported before %s was set: prefork children will "
-            "undercount; set %s in the worker's environment",
-            _DIR_ENV,
-            _DIR_ENV,
-        )
+    """The folder the children write their counts to, set in the environment they inherit."""
     folder = os.environ.get(_DIR_ENV)
     if not folder:
         folder = tempfile.mkdtemp(prefix="rt-prometheus-")
@@ -93,7 +86,24 @@ def _multiprocess_dir() -> str:
         for name in os.listdir(folder):  # counts of a previous run must not be summed in
             if name.endswith(".db"):
                 os.unlink(os.path.join(folder, name))
+    _use_multiprocess_values()
     return folder
+
+
+def _use_multiprocess_values() -> None:
+    """Make metrics made from now on write to the folder, even if prometheus_client came first.
+
+    prometheus_client picks its value class when it is imported, from the environment.
+    The ``celery`` command imports it before any worker option is read whenever Flower is
+    installed (its ``celery flower`` entry point imports it), so every count would stay in
+    the child that made it and ``/metrics`` would show none of them. Our metrics are made
+    lazily, in the children, after this ran.
+    """
+    values: Any = sys.modules.get("prometheus_client.values")
+    if values is None or getattr(values.ValueClass, "_multiprocess", False):
+        return
+    values.ValueClass = values.get_value_class()
+    log.info("prometheus_client was imported before %s was set: switched it to multiprocess", _DIR_ENV)
 
 
 class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]

@@ -213,5 +213,12 @@ def _finish(call: Call, *, failed: bool) -> None:
     if answers is None:
         return
     for (_, callback), answer in zip(call.end_ops, answers, strict=True):
-        if callback is not None and not failed:
+        if callback is None:
+            continue
+        if not failed:
             callback(answer)
+            continue
+        try:  # the call already failed: a callback must not hide that error
+            callback(answer)
+        except Exception as exc:
+            log.warning("after a failed call, reading the store's answer failed: %s", exc)

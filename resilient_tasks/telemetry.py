@@ -8,7 +8,8 @@ other guards) once the call and its ``end`` round trip are over, and reports:
 - counters per outcome, and the breaker state per downstream, through the sinks the
   runtime holds (the OTel meter, the Prometheus exporter of ``resilient_tasks.prometheus``);
 - a custom Celery event per notable outcome (``task-deduplicated``, ...) so Flower's
-  ``/metrics`` counts them and its task page shows their fields (with ``flower_format_task``).
+  ``/metrics`` counts them, and its task page and API show their fields once
+  ``show_in_flower()`` ran in Flower's process (``flowerconfig.py``).
 
 Events are sent only where Celery sends task events: ``celery worker -E`` (or
 ``worker_send_task_events = True``). A worker's ``-E`` reaches its prefork children; a
@@ -32,13 +33,14 @@ from .guards import Next
 __all__ = [
     "ATTRIBUTES",
     "EVENTS",
+    "FLOWER_FIELDS",
     "OUTCOMES",
     "STATE_CODES",
     "MetricsSink",
     "OTelMetrics",
     "classify",
     "event_field",
-    "flower_format_task",
+    "show_in_flower",
     "task_events_enabled",
     "telemetry_guard",
 ]
@@ -78,8 +80,24 @@ ATTRIBUTES = (
     "resilience.fallback.age_s",
     "resilience.deadline.remaining_s",
 )
-#: The event field naming the outcome; the others are ``event_field(attribute)``.
+
+
+def event_field(attribute: str) -> str:
+    """The Celery event field for a span attribute (``resilience.retry.attempt`` ->
+    ``resilience_retry_attempt``): a plain name Flower can show as a task field."""
+    return attribute.replace(".", "_")
+
+
+#: Event fields naming the event's own outcome and every outcome of the call; the
+#: others are ``event_field(attribute)``.
 OUTCOME_FIELD = "resilience_outcome"
+OUTCOMES_FIELD = "resilience_outcomes"
+#: The event fields ``show_in_flower`` adds to Flower's task view (the task's own uuid,
+#: ``resilience_retry_original_id``, is left out).
+FLOWER_FIELDS = (
+    OUTCOMES_FIELD,
+    *(event_field(name) for name in ATTRIBUTES if name != "resilience.retry.original_id"),
+)
 #: Breaker states as gauge values.
 STATE_CODES = {"closed": 0, "half_open": 1, "open": 2, "forced_open": 3, "disabled": 4}
 
@@ -162,18 +180,11 @@ def _span(call: Call, attrs: dict[str, Any]) -> None:
     if not span.is_recording():
         return
     span.set_attributes(attrs)
-    transition = call.outcome.get("breaker_transition")
-    if transition:
+    for name, state in call.outcome.get("breaker_transitions", ()):
         span.add_event(
             "resilience.breaker.transition",
-            {"resilience.breaker.name": str(call.policy.downstream), "resilience.breaker.state": transition},
+            {"resilience.breaker.name": str(name), "resilience.breaker.state": str(state)},
         )
-
-
-def event_field(attribute: str) -> str:
-    """The Celery event field for a span attribute (``resilience.retry.attempt`` ->
-    ``resilience_retry_attempt``): a plain name Flower can show as a task field."""
-    return attribute.replace(".", "_")
 
 
 # The worker of each app in this process, and the pid that started it: ``-E`` is a
@@ -214,12 +225,23 @@ def _events(call: Call, outcomes: list[str], attrs: dict[str, Any]) -> None:
     kinds = [(outcome, EVENTS[outcome]) for outcome in outcomes if outcome in EVENTS]
     if not kinds or not task_events_enabled(task):
         return
-    fields = {event_field(k): v for k, v in attrs.items()}
+    fields: dict[str, Any] = {event_field(k): v for k, v in attrs.items()}
+    fields[OUTCOMES_FIELD] = list(outcomes)
     for outcome, kind in kinds:
         try:
             task.send_event(kind, **{OUTCOME_FIELD: outcome}, **fields)
         except Exception as exc:  # an event is worth less than the task that sends it
             log.warning("could not send %s: %s", kind, exc)
+
+
+def _shown_state(call: Call) -> str:
+    """The task's breaker as an operator would name it: a switch that holds it wins."""
+    switch = call.outcome.get("switch")
+    if switch == "forced_open":
+        return "forced_open"
+    if switch == "breaker_disabled":
+        return "disabled"
+    return str(call.outcome.get("breaker_state"))
 
 
 def report(call: Call, error: BaseException | None) -> None:
@@ -237,10 +259,14 @@ def report(call: Call, error: BaseException | None) -> None:
             runtime.count(f"outcome.{outcome}", downstream)
             for sink in runtime.sinks:
                 sink.outcome(outcome, name, downstream)
-        state = call.outcome.get("breaker_transition") or call.outcome.get("breaker_state")
-        if downstream and state:
+        states: dict[str, str] = {}
+        if call.policy.downstream and call.outcome.get("breaker_state"):
+            states[call.policy.downstream] = _shown_state(call)
+        for breaker, state in call.outcome.get("breaker_transitions", ()):
+            states[breaker] = str(state)  # the latest transition of each breaker wins
+        for breaker, state in states.items():
             for sink in runtime.sinks:
-                sink.breaker_state(downstream, str(state))
+                sink.breaker_state(breaker, state)
         age = call.outcome.get("fallback_age_s")
         if age is not None:
             for sink in runtime.sinks:
@@ -299,24 +325,25 @@ def default_sinks() -> list[MetricsSink]:
     return [OTelMetrics()] if otel_metrics is not None else []
 
 
-def flower_format_task(task: Any) -> Any:
-    """Flower's ``format_task`` hook: show the ``resilience_*`` fields of our events.
+def show_in_flower(task_class: Any = None) -> tuple[str, ...]:
+    """Make Flower's task page and API show our event fields; call it in ``flowerconfig.py``.
 
-    Flower keeps every field of a custom task event on its task object but its task page
-    lists only the standard ``Task._fields``. In ``flowerconfig.py``::
-
-        from resilient_tasks.telemetry import flower_format_task as format_task
-
-    Flower passes a copy of its task object; this one lists the extra fields on it.
+    Flower merges every field of a custom task event into its task object, but shows a
+    task only through ``celery.events.state.Task._fields``: ``/api/task/info``,
+    ``/api/tasks``, the task page, the copy handed to ``format_task`` and persistent mode
+    all drop other fields. This adds ``FLOWER_FIELDS`` to that class, in the process that
+    calls it (Flower's). Returns the fields added.
     """
-    present = vars(task)
-    order = (OUTCOME_FIELD, *(event_field(name) for name in ATTRIBUTES))
-    known = [name for name in order if name in present]
-    others = sorted(k for k in present if k.startswith("resilience_") and k not in known)
-    extra = [name for name in (*known, *others) if name not in task._fields]
-    if extra:
-        task._fields = (*task._fields, *extra)
-    return task
+    if task_class is None:
+        from celery.events.state import Task
+
+        task_class = Task
+    for name in FLOWER_FIELDS:
+        if not hasattr(task_class, name):
+            setattr(task_class, name, None)  # as_dict reads every field of every task
+    added = tuple(name for name in FLOWER_FIELDS if name not in task_class._fields)
+    task_class._fields = (*task_class._fields, *added)
+    return added
 
 
 Finalizer = Callable[[Call, BaseException | None], None]

@@ -189,7 +189,7 @@ class ClusterServers:
 
         def healthy() -> bool:
             for node in self.nodes:
-                client = node.client()
+                client: Any = node.client()
                 try:
                     if b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
                         return False

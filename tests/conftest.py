@@ -7,6 +7,9 @@ to the store can be counted apart from the broker's traffic.
 from __future__ import annotations
 
 import gc
+import os
+import socket
+import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -36,11 +39,34 @@ def make_app(server: RedisServer, name: str = "tests", **conf: object) -> Celery
     return app
 
 
-@pytest.fixture
-def app(rt_redis_flushed: RedisServer) -> Iterator[Celery]:
-    app = make_app(rt_redis_flushed)
+AMQP_URL = os.environ.get("RT_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def _amqp_reachable() -> bool:
+    host, port = "127.0.0.1", 5672
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(params=["redis", "amqp"])
+def app(request: pytest.FixtureRequest, rt_redis_flushed: RedisServer) -> Iterator[Celery]:
+    """The core suites run twice: with the Redis broker and with RabbitMQ."""
+    if request.param == "redis":
+        app = make_app(rt_redis_flushed)
+    else:
+        if not _amqp_reachable():
+            pytest.skip("RabbitMQ is not reachable on 127.0.0.1:5672: the amqp broker leg is skipped")
+        app = make_app(rt_redis_flushed)
+        app.conf.broker_url = AMQP_URL
+        app.conf.task_default_queue = f"rt-test-{uuid.uuid4().hex[:12]}"
     rt.install(app, redis_url=rt_redis_flushed.url(1))
     yield app
+    if request.param == "amqp":
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_delete(app.conf.task_default_queue)
     app.close()
 
 

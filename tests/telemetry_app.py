@@ -9,6 +9,7 @@ cache, break the service and watch a fallback being served.
 from __future__ import annotations
 
 import os
+import time
 
 import redis
 from celery import Celery
@@ -81,6 +82,7 @@ def price(self: rt.ResilientTask, sku: str) -> dict[str, object]:
     name="telemetry.stock",
     policy=rt.TaskPolicy(downstream="inventory"),
 )
-def stock(self: rt.ResilientTask, n: int) -> int:
-    """Always succeeds: one ``executed`` outcome per call, behind the "inventory" breaker."""
-    return n
+def stock(self: rt.ResilientTask, n: int, work_s: float = 0.0) -> list[int]:
+    """Always succeeds, behind the "inventory" breaker: ``[n, pid of the process that ran it]``."""
+    time.sleep(work_s)
+    return [n, os.getpid()]

@@ -15,6 +15,7 @@ from typing import Any
 from celery import Celery
 
 import resilient_tasks as rt
+import workers.otel  # noqa: F401  # traces and metrics over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set
 from examples import downstream
 
 __all__ = ["BROKER_URL", "DOWNSTREAM_URL", "POLICIES", "RESULT_BACKEND", "STORE_URL", "app", "charge"]

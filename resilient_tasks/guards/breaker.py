@@ -111,6 +111,8 @@ class BreakerGuard:
             admission = call.runtime.local_breaker(name, policy).admit(call.breaker_owner, _local_now(call))
         call.admission = admission
         call.outcome["breaker_state"] = admission.state
+        if admission.switch != "normal":
+            call.outcome["switch"] = admission.switch
         call.outcome["consecutive_failures"] = admission.consecutive_failures
         if not admission.allowed:
             if admission.switch != "normal":
@@ -248,6 +250,8 @@ def _admission(answers: list[Any]) -> Admission:
 def _recorded(call: Call, name: str, answer: Any) -> None:
     state = answer[0].decode() if isinstance(answer[0], bytes) else str(answer[0])
     if int(answer[1]):
-        call.outcome["breaker_transition"] = state
+        call.outcome.setdefault("breaker_transitions", []).append((name, state))
+        if name == call.policy.downstream:
+            call.outcome["breaker_transition"] = state
         call.runtime.count("transition", name)
         log.warning("breaker %r is now %s", name, state)
