@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -163,13 +164,28 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 50000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
 class ClusterServers:
     """A Redis Cluster of ``masters`` nodes on loopback, no replicas, for tests."""
 
     def __init__(self, masters: int = 3) -> None:
         self.nodes = [
-            RedisServer(args=["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                              "--cluster-node-timeout", "2000"])
+            RedisServer(_cluster_port(), args=["--cluster-enabled", "yes", "--cluster-config-file",
+                                               "nodes.conf", "--cluster-node-timeout", "2000"])
             for _ in range(masters)
         ]
 

@@ -104,15 +104,16 @@ def test_half_open_admits_exactly_the_probe_count_fleet_wide(
     rt_redis_flushed: RedisServer, probes: int
 ) -> None:
     store = RedisStore(rt_redis_flushed.url(1))
-    policy = rt.BreakerPolicy(consecutive_failures=1, open_for=1.0, half_open_probes=probes)
-    store.run([admit_op(store, "C", policy, "x")])
-    store.run([record_op(store, "C", policy, "x", "fail", probe=False, first_attempt=True)])
-    time.sleep(1.05)  # past open_for: the next admission moves it to half-open
+    policy = rt.BreakerPolicy(consecutive_failures=1, open_for=10.0, half_open_probes=probes)
+    t0 = 1_700_000_000_000  # an injected clock: the probe leases (10 s) cannot expire mid-trial
+    store.run([admit_op(store, "C", policy, "x", t0)])
+    store.run([record_op(store, "C", policy, "x", "fail", probe=False, first_attempt=True, now_ms=t0)])
+    half_open_at = t0 + 10_001  # past open_for: the next admission moves it to half-open
 
     def trial(i: int) -> str:
         own = RedisStore(rt_redis_flushed.url(1))  # a worker of its own
         try:
-            (answer,) = own.run([admit_op(own, "C", policy, f"w{i}")])
+            (answer,) = own.run([admit_op(own, "C", policy, f"w{i}", half_open_at + i)])
             return parse_admission(answer).verdict
         finally:
             own.close()
