@@ -138,31 +138,22 @@ def _switch(ctx: click.Context, name: str, mode: str, as_json: bool) -> None:
     click.echo(json.dumps(result) if as_json else f"{name}: {mode} (switch was {previous})")
 
 
-@resilience.command(name="open")
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def open_(ctx: click.Context, name: str, as_json: bool) -> None:
-    """Force NAME's breaker open on every worker."""
-    _switch(ctx, name, "forced_open", as_json)
+def _action(command: str, mode: str, summary: str) -> None:
+    """``open``, ``close`` and ``reset``: one downstream, one switch action."""
+
+    @click.argument("name")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def action(ctx: click.Context, name: str, as_json: bool) -> None:
+        _switch(ctx, name, mode, as_json)
+
+    action.__doc__ = summary
+    resilience.command(name=command)(action)
 
 
-@resilience.command()
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def close(ctx: click.Context, name: str, as_json: bool) -> None:
-    """Close NAME's breaker now and clear its switch."""
-    _switch(ctx, name, "close", as_json)
-
-
-@resilience.command()
-@click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
-@click.pass_context
-def reset(ctx: click.Context, name: str, as_json: bool) -> None:
-    """Forget NAME's window, state and switch."""
-    _switch(ctx, name, "reset", as_json)
+_action("open", "forced_open", "Force NAME's breaker open on every worker.")
+_action("close", "close", "Close NAME's breaker now and clear its switch.")
+_action("reset", "reset", "Forget NAME's window, state and switch.")
 
 
 @resilience.command()

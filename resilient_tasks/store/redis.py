@@ -28,12 +28,14 @@ log = logging.getLogger(__name__)
 
 
 def load_scripts() -> dict[str, str]:
-    """Every ``lua/*.lua`` shipped with the package, by name."""
+    """Every ``lua/*.lua`` shipped with the package, by name, each behind the shared
+    ``_prelude.lua`` (helpers a script may call, such as ``clock_ms``)."""
     folder = resources.files(__package__).joinpath("lua")
+    prelude = folder.joinpath("_prelude.lua").read_text(encoding="utf-8")
     return {
-        entry.name.removesuffix(".lua"): entry.read_text(encoding="utf-8")
+        entry.name.removesuffix(".lua"): prelude + entry.read_text(encoding="utf-8")
         for entry in folder.iterdir()
-        if entry.name.endswith(".lua")
+        if entry.name.endswith(".lua") and not entry.name.startswith("_")
     }
 
 

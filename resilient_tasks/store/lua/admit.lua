@@ -5,11 +5,7 @@
 -- Returns {verdict, state, retry_after_ms, consecutive_failures, switch}
 --   verdict: 'allow' | 'probe' | 'reject'
 local key = KEYS[1]
-local now = tonumber(ARGV[1])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = clock_ms(ARGV[1])
 local owner, lease, probes = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local rec = redis.call('HMGET', key, 'state', 'open_until', 'consec', 'switch')
 local state = rec[1] or 'closed'

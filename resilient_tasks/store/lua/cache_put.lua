@@ -3,11 +3,7 @@
 -- ARGV: value_json, now_ms (0 = TIME), ttl_ms, kind ('ok' | 'negative' | 'failure')
 -- Returns 1.
 local key = KEYS[1]
-local now = tonumber(ARGV[2])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = clock_ms(ARGV[2])
 redis.call('DEL', key)
 redis.call('HSET', key, 'value', ARGV[1], 'written_at', now, 'kind', ARGV[4])
 redis.call('PEXPIRE', key, math.max(1, tonumber(ARGV[3])))

@@ -6,11 +6,7 @@
 -- ARGV: now_ms (0 = TIME), n, ttl_ms, decay, floor_ms, max_stale_ms (0 = none)
 -- Returns {} or {value_json, age_ms, allowed_ms}
 local key = KEYS[1]
-local now = tonumber(ARGV[1])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = clock_ms(ARGV[1])
 local rec = redis.call('HMGET', key, 'value', 'written_at', 'kind')
 if rec[1] == false or rec[3] ~= 'ok' then
   return {}

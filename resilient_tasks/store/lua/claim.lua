@@ -19,11 +19,7 @@ if KEYS[3] then
     redis.call('PEXPIRE', KEYS[2], 604800000)
   end
 end
-local now = tonumber(ARGV[6])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = clock_ms(ARGV[6])
 local rec = redis.call('HMGET', key, 'state', 'fp', 'token', 'lease_until', 'result', 'done_at')
 local state, fp, token = rec[1], rec[2], tonumber(rec[3]) or 0
 local mine = ARGV[4]

@@ -4,11 +4,7 @@
 -- Returns {1} when stored; {0, state, result} when the claim was lost (the write is
 -- refused and the caller learns what the record holds now).
 local key = KEYS[1]
-local now = tonumber(ARGV[5])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = clock_ms(ARGV[5])
 local rec = redis.call('HMGET', key, 'state', 'owner', 'token', 'result')
 if rec[1] ~= 'in_flight' or rec[2] ~= ARGV[1] or rec[3] ~= ARGV[2] then
   return {0, rec[1] or '', rec[4] or ''}

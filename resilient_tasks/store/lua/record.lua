@@ -7,11 +7,7 @@
 --       open_for_max_ms (0 = no growth), half_open_probes, name, ttl_ms
 -- Returns {state, transitioned (0|1), consecutive_failures}
 local key = KEYS[1]
-local now = tonumber(ARGV[1])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = clock_ms(ARGV[1])
 local owner, outcome = ARGV[2], ARGV[3]
 local probe, first = ARGV[4] == '1', ARGV[5] == '1'
 local rate, min_calls = tonumber(ARGV[6]), tonumber(ARGV[7])

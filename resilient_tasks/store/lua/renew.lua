@@ -3,11 +3,7 @@
 -- ARGV: owner, token, lease_ms, ttl_ms, now_ms (0 = server TIME)
 -- Returns 1 when renewed, 0 when the claim was lost.
 local key = KEYS[1]
-local now = tonumber(ARGV[5])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = clock_ms(ARGV[5])
 local rec = redis.call('HMGET', key, 'state', 'owner', 'token')
 if rec[1] ~= 'in_flight' or rec[2] ~= ARGV[1] or rec[3] ~= ARGV[2] then
   return 0

@@ -7,11 +7,7 @@
 -- so a fleet of workers re-reading one file never undoes an operator's later command.
 -- Returns {previous mode, applied (1|0)}.
 local key = KEYS[1]
-local now = tonumber(ARGV[3])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = clock_ms(ARGV[3])
 local mode, source = ARGV[1], ARGV[5]
 local previous = redis.call('HGET', key, 'switch') or 'normal'
 if source == 'file' then

@@ -4,11 +4,7 @@
 -- ARGV: now_ms (0 = TIME), ratio, min_per_window, window_ms, buckets, ttl_ms
 -- Returns {granted (1|0), retries_in_window, first_attempts_in_window}
 local key = KEYS[1]
-local now = tonumber(ARGV[1])
-if now == 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-end
+local now = clock_ms(ARGV[1])
 local ratio, floor_n = tonumber(ARGV[2]), tonumber(ARGV[3])
 local window, nb = tonumber(ARGV[4]), tonumber(ARGV[5])
 redis.call('HSET', key, 'budget_ratio', ARGV[2], 'budget_min', ARGV[3])
