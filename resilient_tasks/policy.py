@@ -265,6 +265,7 @@ class FallbackPolicy:
     cache_failures: bool = False
     negative_ttl: float = 30.0
     max_size: int = 65536
+    validate: Callable[[Any], bool] | None = None
 
     def __post_init__(self) -> None:
         owner = "FallbackPolicy"
@@ -286,6 +287,8 @@ class FallbackPolicy:
             raise PolicyError(f"{owner}.cache_failures", "must be true or false")
         _positive(owner, "negative_ttl", self.negative_ttl)
         _integer(owner, "max_size", self.max_size, minimum=1)
+        if self.validate is not None and not callable(self.validate):
+            raise PolicyError(f"{owner}.validate", "must be a callable result -> bool")
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,13 @@ log = logging.getLogger(__name__)
 
 REDIS_URL_ENV = "RESILIENT_TASKS_REDIS_URL"
 POLICIES_ENV = "RESILIENT_TASKS_POLICIES"
+HMAC_ENV = "RESILIENT_TASKS_HMAC_KEY"
+
+
+def _secret(value: str | bytes | None) -> bytes | None:
+    if value is None or value == "":
+        return None
+    return value.encode() if isinstance(value, str) else value
 _RUNTIMES: weakref.WeakKeyDictionary[Any, Runtime] = weakref.WeakKeyDictionary()
 _PICKLE = {"pickle", "application/x-python-serialize"}
 _REDIS_BROKERS = ("redis", "rediss", "sentinel", "redis+socket")
@@ -62,8 +69,10 @@ class Runtime:
         redis_options: dict[str, Any] | None = None,
         epoch_guard: bool = True,
         cluster: bool = False,
+        hmac_key: bytes | None = None,
     ) -> None:
         self.app = app
+        self.hmac_key = hmac_key
         self.cluster = cluster
         self.redis_url = redis_url
         self.prefix = prefix
@@ -346,6 +355,7 @@ def install(
     redis_options: dict[str, Any] | None = None,
     epoch_guard: bool = True,
     cluster: bool = False,
+    hmac_key: str | bytes | None = None,
     _configure: bool = True,
 ) -> Runtime:
     """Wire resilient-tasks into ``app``: safe settings, the store and the publish hook.
@@ -353,6 +363,11 @@ def install(
     Refuses pickle (a ``PolicyError`` naming the setting). Sets ``task_acks_late`` and
     ``task_reject_on_worker_lost`` so a killed worker's task comes back, JSON serializers,
     and checks the Redis broker's ``visibility_timeout`` against every task's waits.
+
+    ``policies`` (or ``RESILIENT_TASKS_POLICIES``) is the worker policies file;
+    ``cluster=True`` talks to a Redis Cluster; ``hmac_key`` (or
+    ``RESILIENT_TASKS_HMAC_KEY``) seals cached fallbacks; ``epoch_guard`` notices a store
+    that restarted and lost its data; ``clock`` is for simulations and tests.
     """
     redis_url = redis_url or os.environ.get(REDIS_URL_ENV)
     if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -376,6 +391,7 @@ def install(
         redis_options=redis_options,
         epoch_guard=epoch_guard,
         cluster=cluster,
+        hmac_key=_secret(hmac_key or os.environ.get(HMAC_ENV)),
     )
     if policies is not None:
         try:

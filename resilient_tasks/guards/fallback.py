@@ -17,6 +17,7 @@ from ..errors import CachedFailure, ResilienceError, StoreUnavailable
 from ..fallback import NotFound, degraded, entry_ttl
 from ..keys import digest, key_material
 from ..policy import DEFAULT_RETRY_ON, NO_DEFAULT, FallbackPolicy, matches
+from ..sealing import seal, unseal
 from ..store.base import Op
 from . import PASS_THROUGH, Next
 
@@ -64,15 +65,26 @@ def serve_fallback(call: Call, exc: BaseException) -> Any:
     except StoreUnavailable as store_exc:
         log.warning("fallback cache unavailable: %s", store_exc)
         answer = []
-    if answer:
+    text = _opened(call, answer[0]) if answer else None
+    if text is not None:
         age = int(answer[1]) / 1000.0
-        value = kombu_json.loads(answer[0].decode() if isinstance(answer[0], bytes) else answer[0])  # type: ignore[no-untyped-call]
+        value = kombu_json.loads(text)  # type: ignore[no-untyped-call]
         return _served(call, name, value, "cache", age)
     if policy.function is not None:
         return _served(call, name, policy.function(*call.args, **call.kwargs), "function", None)
     if policy.default is not NO_DEFAULT:
         return _served(call, name, policy.default, "default", None)
     raise exc
+
+
+def _opened(call: Call, raw: Any) -> str | None:
+    """A stored value's JSON text, or None (logged, counted) when its seal is wrong."""
+    stored = raw.decode() if isinstance(raw, bytes) else str(raw)
+    text = unseal(call.runtime.hmac_key, _key(call), stored)
+    if text is None:
+        call.runtime.count("fallback_tampered", call.policy.downstream or "")
+        log.error("cached value under %s has a missing or wrong HMAC: not served", _key(call))
+    return text
 
 
 def _served(call: Call, name: str, value: Any, source: str, age: float | None) -> Any:
@@ -117,9 +129,10 @@ class FallbackGuard:
             (peek,) = call.begin(self)
         except StoreUnavailable:
             peek = []
-        if peek:
+        text = _opened(call, peek[1]) if peek else None
+        if text is not None:
             kind = peek[0].decode() if isinstance(peek[0], bytes) else str(peek[0])
-            value = kombu_json.loads(peek[1])  # type: ignore[no-untyped-call]
+            value = kombu_json.loads(text)  # type: ignore[no-untyped-call]
             call.outcome["fallback_source"] = f"{kind}_cache"
             call.runtime.count("negative_hit", call.policy.downstream or "")
             if kind == "failure":
@@ -145,6 +158,9 @@ class FallbackGuard:
         return result
 
     def _write(self, call: Call, policy: FallbackPolicy, value: Any, kind: str, ttl: float) -> None:
+        if policy.validate is not None and not _valid(policy, value):
+            call.outcome["fallback_cached"] = False
+            return
         text = _encode(value, policy.max_size)
         if text is None:
             call.outcome["fallback_cached"] = False
@@ -153,4 +169,18 @@ class FallbackGuard:
 
     def _put(self, call: Call, policy: FallbackPolicy, value: Any, kind: str, ttl: float) -> Op:
         text = value if kind != "failure" else str(kombu_json.dumps(value))  # type: ignore[no-untyped-call]
-        return Op("cache_put", (_key(call),), (text, call.runtime.now_ms(), int(ttl * 1000), kind))
+        stored = seal(call.runtime.hmac_key, _key(call), text)
+        return Op("cache_put", (_key(call),), (stored, call.runtime.now_ms(), int(ttl * 1000), kind))
+
+
+def _valid(policy: FallbackPolicy, value: Any) -> bool:
+    """The policy's own check of a result before it may be served to others later."""
+    assert policy.validate is not None
+    try:
+        ok = bool(policy.validate(value))
+    except Exception as exc:
+        log.warning("result not cached for fallback: its validator raised %r", exc)
+        return False
+    if not ok:
+        log.warning("result not cached for fallback: it failed validation")
+    return ok

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import pytest
 from celery import Celery
 
 import resilient_tasks as rt
-from resilient_tasks.testing import in_process_worker
+from resilient_tasks.testing import RedisServer, in_process_worker
 
 
 class Prices:
@@ -123,3 +124,38 @@ def test_errors_are_never_cached_and_oversize_results_are_not_cached(
     assert len(cached) == 1, "only the small result was cached; no error, no oversize value"
     assert store_client.hget(cached[0], "value") == b'"xxxxxxxxxx"'  # type: ignore[attr-defined]
     assert store_client.pttl(cached[0]) > 0  # type: ignore[attr-defined]
+
+
+def test_sealed_cache_refuses_a_forged_value(
+    app_factory: Callable[..., Celery], rt_redis_flushed: RedisServer
+) -> None:
+    app = app_factory()
+    rt.install(app, redis_url=rt_redis_flushed.url(1), hmac_key="shared-secret")
+    prices = Prices()
+    price = make_task(app, prices, default={"price": "unknown"})
+    store = rt_redis_flushed.client(1)
+    with in_process_worker(app, concurrency=1):
+        assert price.delay("abc").get(timeout=20) == {"sku": "abc", "price": 3}  # type: ignore[attr-defined]
+        (key,) = list(store.scan_iter("rt:fb:*"))
+        assert store.hget(key, "value").startswith(b"v1.")
+        prices.up = False
+        value, info = rt.unwrap(price.delay("abc").get(timeout=20))  # type: ignore[attr-defined]
+        assert info is not None and info.source == "cache" and value["price"] == 3
+        store.hset(key, "value", '{"sku": "abc", "price": 0}')  # another writer forges it
+        value, info = rt.unwrap(price.delay("abc").get(timeout=20))  # type: ignore[attr-defined]
+    assert info is not None and info.source == "default", "the forged value was not served"
+    assert rt.runtime_for(app).counters[("fallback_tampered", "pricing")] == 1
+
+
+def test_a_result_failing_validation_is_not_cached(app: Celery, store_client: object) -> None:
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+        fallback=rt.FallbackPolicy(key=("n",), validate=lambda r: r.get("price", -1) >= 0),
+    ))
+    def quote(self: rt.ResilientTask, n: int) -> dict[str, int]:
+        return {"n": n, "price": n - 5}
+
+    with in_process_worker(app, concurrency=1):
+        assert quote.delay(1).get(timeout=20) == {"n": 1, "price": -4}
+        assert quote.delay(9).get(timeout=20) == {"n": 9, "price": 4}
+    cached = list(store_client.scan_iter("rt:fb:*"))  # type: ignore[attr-defined]
+    assert len(cached) == 1, "only the valid result was cached"
