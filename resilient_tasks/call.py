@@ -75,6 +75,7 @@ class Call:
     finalizers: list[Callable[[Call, BaseException | None], None]] = field(default_factory=list)
     breaker_owner: str = ""
     fallback_key: str | None = None
+    lease_s: float | None = None
     breaker_local: bool = False
     admission: Admission | None = None
     has_result: bool = False

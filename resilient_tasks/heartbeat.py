@@ -41,13 +41,16 @@ class Heartbeat:
         self._wake = threading.Event()
         self._pid = -1
         self._thread: threading.Thread | None = None
+        self._planned_wake = 0.0
 
     def track(self, claim: ClaimHandle, lease_ms: int, ttl_ms: int) -> None:
         self._ensure_thread()
+        due = time.monotonic() + lease_ms / 3000.0
         with self._lock:
-            due = time.monotonic() + lease_ms / 3000.0
             self._leases[id(claim)] = _Lease(claim, lease_ms, ttl_ms, due)
-        self._wake.set()
+            wake = due < self._planned_wake
+        if wake:  # most claims end long before their first renewal: no thread hand-off
+            self._wake.set()
 
     def untrack(self, claim: ClaimHandle) -> None:
         with self._lock:
@@ -72,8 +75,12 @@ class Heartbeat:
             if due:
                 self._renew(due)
                 continue
+            with self._lock:
+                self._planned_wake = upcoming
             self._wake.wait(timeout=max(0.01, upcoming - time.monotonic()))
             self._wake.clear()
+            with self._lock:
+                self._planned_wake = 0.0
 
     def _renew(self, leases: list[_Lease]) -> None:
         ops = [

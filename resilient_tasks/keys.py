@@ -7,6 +7,7 @@ leave the prefix, break a hash slot or collide across tasks.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
@@ -36,17 +37,35 @@ def digest(*parts: str) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=1024)
+def _signature(func: Callable[..., Any], bound: bool) -> inspect.Signature:
+    """``run``'s signature, computed once per function (without ``self`` when bound)."""
+    signature = inspect.signature(func)
+    if bound:
+        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+    return signature
+
+
+def signature_of(run: Callable[..., Any]) -> inspect.Signature:
+    func = getattr(run, "__func__", run)
+    try:
+        return _signature(func, hasattr(run, "__self__"))
+    except TypeError:  # unhashable callable: no cache
+        return inspect.signature(run)
+
+
 def bind_arguments(
     run: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]
 ) -> dict[str, Any]:
     """Arguments by name, as ``run`` would receive them (defaults applied)."""
+    signature = signature_of(run)
     try:
-        bound = inspect.signature(run).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
         raise IdempotencyKeyError(f"arguments do not match the task signature: {exc}") from exc
     bound.apply_defaults()
     named = dict(bound.arguments)
-    for name, param in inspect.signature(run).parameters.items():
+    for name, param in signature.parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD and name in named:
             named.update(named.pop(name))
     return named
@@ -58,19 +77,22 @@ def key_material(
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
     task_id: str | None,
+    named: dict[str, Any] | None = None,
 ) -> str:
-    """The unhashed key for one call; raises ``IdempotencyKeyError`` if it is unusable."""
+    """The unhashed key for one call; raises ``IdempotencyKeyError`` if it is unusable.
+    ``named`` is the call's arguments by name when the caller bound them already."""
     if spec == "message":
         material = task_id or ""
     elif isinstance(spec, tuple):
-        named = bind_arguments(run, args, kwargs)
+        named = named if named is not None else bind_arguments(run, args, kwargs)
         missing = [name for name in spec if name not in named]
         if missing:
             raise IdempotencyKeyError(f"key argument(s) {', '.join(missing)} not passed to the task")
         material = canonical([named[name] for name in spec])
     elif isinstance(spec, str):
         try:
-            material = spec.format(*args, **bind_arguments(run, args, kwargs))
+            named = named if named is not None else bind_arguments(run, args, kwargs)
+            material = spec.format(*args, **named)
         except (KeyError, IndexError, AttributeError, ValueError) as exc:
             raise IdempotencyKeyError(f"key template {spec!r} failed: {exc!r}") from exc
     else:
@@ -87,10 +109,16 @@ def key_material(
     return material
 
 
-def fingerprint(run: Callable[..., Any], args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str:
+def fingerprint(
+    run: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    named: dict[str, Any] | None = None,
+) -> str:
     """Hash of the call's arguments by name, so positional and keyword calls agree."""
-    try:
-        named = bind_arguments(run, args, kwargs)
-    except IdempotencyKeyError:
-        named = {"args": list(args), "kwargs": dict(kwargs)}
+    if named is None:
+        try:
+            named = bind_arguments(run, args, kwargs)
+        except IdempotencyKeyError:
+            named = {"args": list(args), "kwargs": dict(kwargs)}
     return digest(canonical(named))[:32]

@@ -47,6 +47,8 @@ def _secret(value: str | bytes | None) -> bytes | None:
     if value is None or value == "":
         return None
     return value.encode() if isinstance(value, str) else value
+
+
 _RUNTIMES: weakref.WeakKeyDictionary[Any, Runtime] = weakref.WeakKeyDictionary()
 _PICKLE = {"pickle", "application/x-python-serialize"}
 _REDIS_BROKERS = ("redis", "rediss", "sentinel", "redis+socket")

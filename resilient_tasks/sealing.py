@@ -32,5 +32,5 @@ def unseal(secret: bytes | None, key: str, stored: str) -> str | None:
         return stored
     if not stored.startswith(_PREFIX):
         return None
-    mac, _, text = stored[len(_PREFIX):].partition(".")
+    mac, _, text = stored[len(_PREFIX) :].partition(".")
     return text if hmac.compare_digest(mac, _mac(secret, key, text)) else None

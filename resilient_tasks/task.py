@@ -12,7 +12,6 @@ import inspect
 import logging
 import time
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Any, ClassVar
 
 from celery import Task
@@ -41,8 +40,21 @@ _BREAKER = BreakerGuard()
 _FALLBACK = FallbackGuard()
 
 
-@lru_cache(maxsize=256)
+_CHAINS: dict[int, tuple[TaskPolicy, tuple[Callable[..., Any], ...]]] = {}
+
+
 def guards_for(policy: TaskPolicy) -> tuple[Callable[..., Any], ...]:
+    """The chain for ``policy``, built once per policy object (hashing a nested frozen
+    policy on every call would cost more than the lookup saves)."""
+    found = _CHAINS.get(id(policy))
+    if found is None or found[0] is not policy:
+        if len(_CHAINS) > 4096:
+            _CHAINS.clear()
+        found = _CHAINS[id(policy)] = (policy, build_chain(policy))
+    return found[1]
+
+
+def build_chain(policy: TaskPolicy) -> tuple[Callable[..., Any], ...]:
     """The visible, ordered chain for one policy: only the guards it needs."""
     chain: list[Callable[..., Any]] = [telemetry_guard, deadline_guard]
     if policy.idempotency is not None:

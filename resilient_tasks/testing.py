@@ -184,8 +184,17 @@ class ClusterServers:
 
     def __init__(self, masters: int = 3) -> None:
         self.nodes = [
-            RedisServer(_cluster_port(), args=["--cluster-enabled", "yes", "--cluster-config-file",
-                                               "nodes.conf", "--cluster-node-timeout", "2000"])
+            RedisServer(
+                _cluster_port(),
+                args=[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                ],
+            )
             for _ in range(masters)
         ]
 
@@ -200,7 +209,9 @@ class ClusterServers:
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
         subprocess.run(
             [cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, capture_output=True, timeout=60,
+            check=True,
+            capture_output=True,
+            timeout=60,
         )
 
         def healthy() -> bool:

@@ -20,9 +20,10 @@ from ..errors import (
     ClaimLost,
     DuplicateInFlight,
     IdempotencyConflict,
+    IdempotencyKeyError,
     StoreUnavailable,
 )
-from ..keys import digest, fingerprint, key_material
+from ..keys import bind_arguments, digest, fingerprint, key_material
 from ..policy import IdempotencyPolicy
 from ..schedule import defer
 from ..store.base import Op
@@ -58,10 +59,19 @@ class IdempotencyGuard:
     def prepare(self, call: Call) -> list[Op]:
         policy = call.policy.idempotency
         assert policy is not None
-        material = key_material(policy.key, call.task.run, call.args, call.kwargs, call.request.id)
+        run = call.task.run
+        named: dict[str, Any] | None = None
+        if policy.fingerprint or not (policy.key == "message" or callable(policy.key)):
+            try:
+                named = bind_arguments(run, call.args, call.kwargs)
+            except IdempotencyKeyError:
+                if policy.key != "message" and not callable(policy.key):
+                    raise
+        material = key_material(policy.key, run, call.args, call.kwargs, call.request.id, named)
         key = record_key(call, material)
-        fp = fingerprint(call.task.run, call.args, call.kwargs) if policy.fingerprint else ""
-        lease_ms = int(lease_seconds(call, policy) * 1000)
+        fp = fingerprint(run, call.args, call.kwargs, named) if policy.fingerprint else ""
+        call.lease_s = lease_seconds(call, policy)
+        lease_ms = int(call.lease_s * 1000)
         previous_owner = str(call.headers.get(OWNER_HEADER) or "")
         owner = uuid.uuid4().hex
         call.outcome["idempotency_key"] = key
@@ -146,8 +156,10 @@ class IdempotencyGuard:
         call.claim = None
         call.outcome["idempotency"] = "store_amnesia"
         runtime.count("store_amnesia")
-        log.error("the store lost its data (restart without persistence?): claims fail closed "
-                  "for %.0fs more", remaining)
+        log.error(
+            "the store lost its data (restart without persistence?): claims fail closed for %.0fs more",
+            remaining,
+        )
         defer(call, remaining + random.uniform(0.0, 1.0), "idempotency store lost its data")
 
     def prepare_again(self, call: Call) -> list[Op]:
@@ -159,7 +171,7 @@ class IdempotencyGuard:
         claim.token = token
         call.outcome["idempotency"] = "claimed"
         call.outcome["token"] = token
-        lease_ms = int(lease_seconds(call, policy) * 1000)
+        lease_ms = int((call.lease_s or lease_seconds(call, policy)) * 1000)
         ttl_ms = int(policy.ttl * 1000)
         heartbeat = call.runtime.heartbeat
         heartbeat.track(claim, lease_ms, ttl_ms)
