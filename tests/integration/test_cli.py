@@ -181,3 +181,20 @@ def test_a_worker_with_a_broken_policies_file_does_not_start(env: dict[str, str]
     assert "the worker will not start" in done.stderr
     assert '[downstreams."payments"] min_calls: must be >= 1, got -1' in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_check_on_ten_broken_files_gives_ten_distinct_precise_errors(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    from tests.unit.test_policyfile import BROKEN
+
+    messages = []
+    for name, (text, expected) in BROKEN.items():
+        path = tmp_path / name
+        path.write_text(text)
+        done = cli(env, "check", str(path), "--json", check=False)
+        assert done.returncode == 1, name
+        errors = json.loads(done.stdout)["errors"]
+        assert len(errors) == 1 and expected in errors[0] and errors[0].startswith(str(path)), errors
+        messages.append(errors[0])
+    assert len(set(messages)) == 10

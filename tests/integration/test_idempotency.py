@@ -253,3 +253,22 @@ def test_a_store_that_lost_its_data_fails_closed_for_the_longest_lease(
         assert result.get(timeout=20) == "k2"
     assert runs == ["k1", "k2"]
     assert runtime.counters[("store_amnesia", "")] >= 1
+
+
+def test_the_subclass_form_dedups_the_same_way(app: Celery) -> None:
+    effects: list[str] = []
+
+    class SyncInventory(rt.ResilientTask):
+        name = "tests.sync_inventory"
+        policy = rt.TaskPolicy(idempotency=rt.IdempotencyPolicy(key=("sku",)))
+
+        def run(self, sku: str) -> dict[str, object]:
+            effects.append(sku)
+            return {"sku": sku, "token": self.idempotency.token}
+
+    task = app.register_task(SyncInventory())
+    with in_process_worker(app, concurrency=1):
+        first = task.delay("A-1").get(timeout=20)
+        again = task.delay("A-1").get(timeout=20)
+    assert first == again == {"sku": "A-1", "token": 1}
+    assert effects == ["A-1"]
