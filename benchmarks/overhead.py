@@ -23,6 +23,14 @@ Why it is built this way:
 - CPU per task (this process plus both redis-servers) is reported beside throughput: it
   moves far less than throughput when other work shares the machine.
 
+- ``all_guards_otel`` runs inside a recording OpenTelemetry span opened and closed by
+  ``task_prerun``/``task_postrun`` handlers, as ``opentelemetry-instrumentation-celery``
+  does; ``ratio_vs_all_guards`` is its cost over the same guards without a span. A
+  global SDK ``MeterProvider`` is set for the whole run, so every ResilientTask variant
+  feeds live OTel counters.
+- ``--rejection N`` forces a ``when_open="fail"`` breaker open and runs N tasks: round
+  trips per rejected task, and whether the body ran (it must not).
+
 Add a variant by adding a task factory to ``VARIANTS``.
 """
 
@@ -31,6 +39,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import statistics
 import sys
 import threading
@@ -42,6 +51,13 @@ from typing import Any
 
 import redis
 from celery import Celery, Task, signals
+from opentelemetry import context as otel_context
+from opentelemetry import metrics as otel_metrics
+from opentelemetry import trace as otel_trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 import resilient_tasks as rt
 from resilient_tasks.store.base import Op
@@ -56,11 +72,32 @@ TaskFactory = Callable[[Celery, Body], Task]
 #: ``DBSIZE``); left out of the command counts. Redis 7 names subcommands ``config|get``.
 ADMIN_COMMANDS = frozenset({"config", "info", "dbsize"})
 
-#: The issue's targets: (minimum ratio vs plain, maximum store round trips per task).
-TARGETS: dict[str, tuple[float, float]] = {
-    "retry_policy": (0.95, 0.0),
-    "idempotency": (0.90, 2.0),
+
+
+@dataclass(frozen=True)
+class Target:
+    """An issue's target: a minimum throughput ratio to ``vs`` and a round-trip range."""
+
+    min_ratio: float
+    max_roundtrips: float
+    vs: str = "plain"
+    min_roundtrips: float = 0.0
+
+
+#: The issues' targets per variant.
+TARGETS: dict[str, Target] = {
+    "retry_policy": Target(0.95, 0.0),
+    "idempotency": Target(0.90, 2.0),
+    "breaker": Target(0.90, 2.0),
+    # exactly 2: begin = claim + admit + cache_peek, end = complete + record + cache_put
+    "all_guards": Target(0.90, 2.0, min_roundtrips=2.0),
+    # "Telemetry on costs <= 5 % throughput": against the same guards without a span
+    "all_guards_otel": Target(0.95, 2.0, vs="all_guards", min_roundtrips=2.0),
 }
+#: Variants also compared, round by round, with a variant other than plain.
+REFERENCES = {"all_guards_otel": "all_guards"}
+#: The rejection measurement's target: store round trips per rejected task.
+REJECTION_MAX_ROUNDTRIPS = 1.0
 
 
 def task_of(app: Celery, variant: str, body: Body, **options: Any) -> Task:
@@ -86,6 +123,48 @@ def _idempotency(app: Celery, body: Body) -> Task:
     return task_of(app, "idempotency", body, base=rt.ResilientTask, policy=policy)
 
 
+def _breaker(app: Celery, body: Body) -> Task:
+    """A breaker on a healthy downstream; ``min_calls`` so high it never trips."""
+    policy = rt.TaskPolicy(downstream="bench-ds", breaker=rt.BreakerPolicy(min_calls=1_000_000))
+    return task_of(app, "breaker", body, base=rt.ResilientTask, policy=policy)
+
+
+def all_guards_policy(downstream: str) -> rt.TaskPolicy:
+    """Idempotency, breaker and fallback together, on a healthy downstream."""
+    return rt.TaskPolicy(
+        downstream=downstream,
+        idempotency=rt.IdempotencyPolicy(key=("n",)),
+        breaker=rt.BreakerPolicy(min_calls=1_000_000),
+        fallback=rt.FallbackPolicy(key=("n",)),
+    )
+
+
+def _all_guards(app: Celery, body: Body) -> Task:
+    return task_of(app, "all_guards", body, base=rt.ResilientTask,
+                   policy=all_guards_policy("bench-ds2"))
+
+
+def _all_guards_otel(app: Celery, body: Body) -> Task:
+    """``all_guards`` run inside a recording span (see ``OTelSpans``)."""
+    return task_of(app, "all_guards_otel", body, base=rt.ResilientTask,
+                   policy=all_guards_policy("bench-ds3"))
+
+
+#: The task of the ``--rejection`` measurement: its breaker is forced open.
+REJECTED = "breaker_rejected"
+REJECTED_DOWNSTREAM = "bench-ds-rejected"
+
+
+def _breaker_rejected(app: Celery, body: Body) -> Task:
+    def counted(n: int) -> int:
+        COUNTERS.add("body_runs")
+        return body(n)
+
+    policy = rt.TaskPolicy(downstream=REJECTED_DOWNSTREAM,
+                           breaker=rt.BreakerPolicy(min_calls=1_000_000, when_open="fail"))
+    return task_of(app, REJECTED, counted, base=rt.ResilientTask, policy=policy)
+
+
 def _plain_control(app: Celery, body: Body) -> Task:
     """A second plain task: its ratio to ``plain`` shows the machine's noise (A/A test)."""
     return task_of(app, "plain_control", body)
@@ -95,10 +174,16 @@ VARIANTS: dict[str, TaskFactory] = {
     "plain": _plain,
     "retry_policy": _retry_policy,
     "idempotency": _idempotency,
+    "breaker": _breaker,
+    "all_guards": _all_guards,
+    "all_guards_otel": _all_guards_otel,
     "plain_control": _plain_control,
 }
 #: Run when ``--variants`` is not given.
-DEFAULT_VARIANTS = ("plain", "retry_policy", "idempotency")
+DEFAULT_VARIANTS = ("plain", "retry_policy", "idempotency", "breaker", "all_guards",
+                    "all_guards_otel")
+#: The variant whose tasks run inside a recording OpenTelemetry span.
+OTEL_VARIANT = "all_guards_otel"
 
 
 def make_body(sleep_ms: float) -> Body:
@@ -133,6 +218,96 @@ class Counters:
 
 
 COUNTERS = Counters()
+#: Spans the exporter saw; apart from ``COUNTERS``, which every measurement resets.
+SPAN_COUNTS = Counters()
+
+
+class DiscardingExporter(SpanExporter):
+    """Drops spans, counting them and those that carry the library's attributes."""
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        tagged = sum(1 for span in spans if "resilience.breaker.name" in (span.attributes or {}))
+        SPAN_COUNTS.add("exported", len(spans))
+        SPAN_COUNTS.add("tagged", tagged)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+class OTelSpans:
+    """A recording span around each execution of one task, the way
+    ``opentelemetry-instrumentation-celery`` opens it: started and made current in
+    ``task_prerun``, detached and ended in ``task_postrun`` (same worker thread).
+
+    Spans go to an SDK ``TracerProvider`` with a ``BatchSpanProcessor`` whose exporter
+    discards them. Handlers are filtered to one task name, so other variants pay only
+    the name check.
+    """
+
+    def __init__(self, task_name: str) -> None:
+        self.task_name = task_name
+        self.provider = TracerProvider()
+        self.provider.add_span_processor(BatchSpanProcessor(DiscardingExporter()))
+        self.tracer = self.provider.get_tracer("benchmarks.overhead")
+        self._open: dict[str, tuple[Any, object]] = {}
+        signals.task_prerun.connect(self.on_prerun, weak=False)
+        signals.task_postrun.connect(self.on_postrun, weak=False)
+
+    def on_prerun(self, sender: Any = None, task_id: str | None = None, **_: Any) -> None:
+        if getattr(sender, "name", None) != self.task_name or task_id is None:
+            return
+        span = self.tracer.start_span(f"run/{self.task_name}", kind=otel_trace.SpanKind.CONSUMER)
+        token = otel_context.attach(otel_trace.set_span_in_context(span))
+        self._open[task_id] = (span, token)
+
+    def on_postrun(self, sender: Any = None, task_id: str | None = None, state: str | None = None,
+                   **_: Any) -> None:
+        if getattr(sender, "name", None) != self.task_name or task_id is None:
+            return
+        found = self._open.pop(task_id, None)
+        if found is None:
+            return
+        span, token = found
+        span.set_attributes({"celery.task_name": self.task_name, "celery.state": str(state),
+                             "messaging.message.id": task_id})
+        otel_context.detach(token)  # type: ignore[arg-type]
+        span.end()
+
+    def close(self) -> None:
+        signals.task_prerun.disconnect(self.on_prerun)
+        signals.task_postrun.disconnect(self.on_postrun)
+        self.provider.shutdown()
+
+
+#: The global SDK meter provider's reader, set once per process by ``live_metrics``.
+METRIC_READER: InMemoryMetricReader | None = None
+
+
+def live_metrics() -> InMemoryMetricReader:
+    """A global SDK ``MeterProvider``, so the library's OTel metric sink records for every
+    ResilientTask variant (its meter is the global proxy, so order vs ``install`` is free)."""
+    global METRIC_READER
+    if METRIC_READER is None:
+        METRIC_READER = InMemoryMetricReader()
+        otel_metrics.set_meter_provider(MeterProvider(metric_readers=[METRIC_READER]))
+    return METRIC_READER
+
+
+def counted_outcomes(reader: InMemoryMetricReader) -> dict[str, int]:
+    """``resilience.outcomes`` as recorded by the SDK: calls per task and outcome."""
+    found: dict[str, int] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data else ():
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name != "resilience.outcomes":
+                    continue
+                for point in metric.data.data_points:
+                    attrs = point.attributes or {}
+                    key = f"{attrs.get('task')}:{attrs.get('outcome')}"
+                    found[key] = found.get(key, 0) + int(point.value)
+    return found
 
 
 class CountingConnection(redis.connection.Connection):
@@ -250,6 +425,7 @@ class Settings:
     timeout: float
     sleep_ms: float = 0.0
     verbose: bool = False
+    rejection: int = 0
 
 
 IDLE_QUEUE = "bench.idle"
@@ -286,6 +462,9 @@ class Bench:
                    redis_options={"connection_class": CountingConnection})
         body = make_body(settings.sleep_ms)
         self.tasks = {name: VARIANTS[name](self.app, body) for name in self.variants}
+        if settings.rejection > 0:
+            self.tasks[REJECTED] = _breaker_rejected(self.app, body)
+        self.spans = OTelSpans(self.tasks[OTEL_VARIANT].name) if OTEL_VARIANT in self.tasks else None
         self.app.finalize()
         # A separate client app without a result backend publishes: the worker app's
         # Redis backend would SUBSCRIBE to every task's result channel on publish.
@@ -297,6 +476,8 @@ class Bench:
         self.redis_version = str(self.store_admin.info("server")["redis_version"])
 
     def close(self) -> None:
+        if self.spans is not None:
+            self.spans.close()
         self.store_admin.close()
         self.results_admin.close()
         self.client.close()
@@ -379,9 +560,11 @@ class Bench:
             order = self.variants[shift:] + self.variants[:shift]
             yield order[::-1] if (index // size) % 2 else order
 
-    def run(self) -> list[Sample]:
-        """A discarded warm-up pass, then ``rounds`` interleaved rounds."""
+    def run(self) -> tuple[list[Sample], dict[str, Any] | None]:
+        """A discarded warm-up pass, then ``rounds`` interleaved rounds, then (with
+        ``--rejection``) the open-breaker measurement."""
         samples = []
+        rejection = None
         with instrument_store(), in_process_worker(
             self.app, pool="threads", concurrency=self.settings.concurrency, queues=[IDLE_QUEUE]
         ) as worker:
@@ -390,7 +573,49 @@ class Bench:
             for order in self.orders():
                 for variant in order:
                     samples.append(self.measure(variant, self.settings.tasks, worker.hostname))
-        return samples
+            if self.settings.rejection > 0:
+                rejection = self.rejection(self.settings.rejection, worker.hostname)
+        if self.spans is not None:
+            self.spans.provider.force_flush()
+        return samples, rejection
+
+    def rejection(self, count: int, hostname: str) -> dict[str, Any]:
+        """Force a ``when_open="fail"`` breaker open, run ``count`` tasks: what does a
+        rejection cost, and does the body stay unrun? A short warm-up goes first."""
+        rt.set_switch(self.app, REJECTED_DOWNSTREAM, "forced_open")
+        errors: dict[str, int] = {}
+        name = self.tasks[REJECTED].name
+
+        def on_failure(sender: Any = None, exception: BaseException | None = None, **_: Any) -> None:
+            if getattr(sender, "name", None) == name:
+                kind = type(exception).__name__
+                errors[kind] = errors.get(kind, 0) + 1  # the worker threads are serialised
+
+        trace_log = logging.getLogger("celery.app.trace")
+        level = trace_log.level
+        trace_log.setLevel(logging.CRITICAL)  # one traceback per expected failure otherwise
+        signals.task_failure.connect(on_failure, weak=False)
+        try:
+            warm = self.measure(REJECTED, min(count, 20), hostname)
+            errors.clear()
+            sample = self.measure(REJECTED, count, hostname)
+        finally:
+            signals.task_failure.disconnect(on_failure)
+            trace_log.setLevel(level)
+        counters = sample.counters
+        roundtrips = round(counters.get("wire", 0) / count, 3)
+        body_runs = counters.get("body_runs", 0) + warm.counters.get("body_runs", 0)
+        return {
+            "rejection_tasks": count,
+            "rejection_tasks_per_s": round(sample.tasks_per_s, 1),
+            "rejection_roundtrips_per_task": roundtrips,
+            "rejection_pipelines_per_task": round(counters.get("pipelines", 0) / count, 3),
+            "rejection_evalsha_per_task": round(sample.commandstats.get("evalsha", 0) / count, 3),
+            "rejection_succeeded": sample.succeeded,
+            "rejection_errors": errors,
+            "rejection_body_runs": body_runs,
+            "rejection_target_met": roundtrips <= REJECTION_MAX_ROUNDTRIPS and body_runs == 0,
+        }
 
     def direct(self, calls: int) -> dict[str, float]:
         """Median CPU microseconds per ``task.apply`` call in this thread, per variant.
@@ -442,6 +667,15 @@ def summarize(samples: Sequence[Sample], settings: Settings) -> list[dict[str, A
                 (p.cpu_s + p.redis_cpu_s) / p.tasks / ((s.cpu_s + s.redis_cpu_s) / s.tasks)
                 for s, p in pairs), 3)
         roundtrips = per_task([s.counters.get("wire", 0) for s in runs])
+        reference = REFERENCES.get(variant)
+        ref_ratio = ref_cpu_ratio = None
+        if reference in by_variant:
+            ref_pairs = list(zip(runs, by_variant[reference], strict=True))
+            ref_ratio = round(statistics.median(s.tasks_per_s / r.tasks_per_s
+                                                for s, r in ref_pairs), 3)
+            ref_cpu_ratio = round(statistics.median(
+                (r.cpu_s + r.redis_cpu_s) / r.tasks / ((s.cpu_s + s.redis_cpu_s) / s.tasks)
+                for s, r in ref_pairs), 3)
         row: dict[str, Any] = {
             "variant": variant,
             "tasks_per_s": round(statistics.median(rates), 1),
@@ -464,9 +698,14 @@ def summarize(samples: Sequence[Sample], settings: Settings) -> list[dict[str, A
             "prefetch": settings.prefetch,
             "sleep_ms": settings.sleep_ms,
         }
+        if reference is not None and ref_ratio is not None:
+            row[f"ratio_vs_{reference}"] = ref_ratio
+            row[f"cpu_ratio_vs_{reference}"] = ref_cpu_ratio
         target = TARGETS.get(variant)
-        if target is not None and ratio is not None:
-            row["target_met"] = ratio >= target[0] and roundtrips <= target[1]
+        measured = ratio if target is None or target.vs == "plain" else ref_ratio
+        if target is not None and measured is not None:
+            row["target_met"] = (measured >= target.min_ratio
+                                 and target.min_roundtrips <= roundtrips <= target.max_roundtrips)
         rows.append(row)
     return rows
 
@@ -475,6 +714,7 @@ COLUMNS = (
     ("variant", "variant"),
     ("tasks_per_s", "tasks/s"),
     ("ratio_vs_plain", "vs plain"),
+    ("ratio_vs_all_guards", "vs all_guards"),
     ("redis_roundtrips_per_task", "round trips/task"),
     ("store_pipelines_per_task", "pipelines/task"),
     ("evalsha_per_task", "EVALSHA/task"),
@@ -508,9 +748,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.overhead", description=__doc__,
                                      formatter_class=_HelpFormatter)
-    parser.add_argument("--tasks", type=int, default=500, help="tasks per variant per round")
+    parser.add_argument("--tasks", type=int, default=300, help="tasks per variant per round")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds")
-    parser.add_argument("--warmup", type=int, default=200, help="discarded tasks per variant")
+    parser.add_argument("--warmup", type=int, default=150, help="discarded tasks per variant")
     parser.add_argument("--concurrency", type=int, default=4, help="worker threads")
     parser.add_argument("--prefetch", type=int, default=4, help="worker_prefetch_multiplier")
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
@@ -520,6 +760,9 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--direct", type=int, default=0, metavar="CALLS",
                         help="also time CALLS task.apply() calls per variant per round "
                              "(middleware CPU per call, no broker)")
+    parser.add_argument("--rejection", type=int, default=50, metavar="N",
+                        help="also run N tasks against a forced-open when_open='fail' breaker "
+                             "(0: skip)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per measurement")
     parser.add_argument("--json", action="store_true", help="one JSON object per variant per line")
     parser.add_argument("--verbose", action="store_true", help="each measurement on stderr")
@@ -527,8 +770,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         parser.error(f"unknown variant(s): {', '.join(unknown)}")
-    if args.direct < 0:
-        parser.error("--direct must be >= 0")
+    if args.direct < 0 or args.rejection < 0:
+        parser.error("--direct and --rejection must be >= 0")
     if min(args.tasks, args.rounds, args.warmup, args.concurrency, args.prefetch) < 1:
         parser.error("--tasks, --rounds, --warmup, --concurrency and --prefetch must be >= 1")
     return args
@@ -539,13 +782,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings(tasks=args.tasks, rounds=args.rounds, warmup=args.warmup,
                         concurrency=args.concurrency, prefetch=args.prefetch,
                         timeout=args.timeout, sleep_ms=args.sleep_ms,
-                        verbose=args.verbose)
+                        verbose=args.verbose, rejection=args.rejection)
+    reader = live_metrics()
     with RedisServer() as broker, RedisServer() as store:
         bench = Bench(settings, args.variants.split(","), broker, store)
         try:
-            rows = summarize(bench.run(), settings)
+            samples, rejection = bench.run()
+            spans = SPAN_COUNTS.take()
+            rows = summarize(samples, settings)
+            outcomes = counted_outcomes(reader)
             for row in rows:
                 row["redis_version"] = bench.redis_version
+                executed = outcomes.get(f"{bench.tasks[row['variant']].name}:executed")
+                if executed is not None:
+                    row["otel_executed_counted"] = executed  # warm-up included
+                if row["variant"] == OTEL_VARIANT:
+                    row["otel_spans_exported"] = spans.get("exported", 0)  # warm-up included
+                    row["otel_spans_tagged"] = spans.get("tagged", 0)
+                if row["variant"] == "breaker" and rejection is not None:
+                    row.update(rejection)
             if args.direct > 0:
                 add_direct(rows, bench.direct(args.direct))
         finally:
@@ -555,6 +810,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
     else:
         print(table(rows))
+        if rejection is not None:
+            print("\nopen breaker (when_open='fail', forced_open): " + ", ".join(
+                f"{key.removeprefix('rejection_')}={value}" for key, value in rejection.items()))
     # Per-task numbers only mean something when every task ran its body and succeeded
     # (a deferred or failed task also ends, and would make a variant look cheap).
     failed = [f"{r['variant']} ({r['succeeded']}/{r['tasks']})" for r in rows
