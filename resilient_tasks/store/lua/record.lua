@@ -25,7 +25,6 @@ if rec[1] == false then
   redis.call('HSET', key, 'name', ARGV[15], 'state', 'closed', 'changed_at', now)
 end
 if probe then redis.call('HDEL', key, 'p:' .. owner) end
-redis.call('HSET', key, 'window_ms', window, 'nb', nb)
 
 local function open_breaker()
   local span = open_for
@@ -62,7 +61,7 @@ if outcome ~= 'none' then
   if slow then redis.call('HINCRBY', key, 's' .. slot, 1) end
   if first then redis.call('HINCRBY', key, 'a' .. slot, 1) end
   if failed then consec = consec + 1 else consec = 0 end
-  redis.call('HSET', key, 'consec', consec)
+  redis.call('HSET', key, 'consec', consec, 'window_ms', window, 'nb', nb)
 
   if switch == 'breaker_disabled' or switch == 'forced_open' or switch == 'forced_closed' then
     -- an operator holds the state: count, but make no transition
@@ -83,13 +82,23 @@ if outcome ~= 'none' then
       end
     end
   elseif state == 'closed' then
+    -- one HMGET for the whole window instead of four HGETs per bucket
+    local names = {}
+    for s = 0, nb - 1 do
+      names[#names + 1] = 't' .. s
+      names[#names + 1] = 'c' .. s
+      names[#names + 1] = 'f' .. s
+      names[#names + 1] = 's' .. s
+    end
+    local values = redis.call('HMGET', key, unpack(names))
     local calls, fails, slows = 0, 0, 0
     for s = 0, nb - 1 do
-      local t = tonumber(redis.call('HGET', key, 't' .. s) or '-1')
+      local base = s * 4
+      local t = tonumber(values[base + 1] or '-1') or -1
       if t > idx - nb then
-        calls = calls + (tonumber(redis.call('HGET', key, 'c' .. s)) or 0)
-        fails = fails + (tonumber(redis.call('HGET', key, 'f' .. s)) or 0)
-        slows = slows + (tonumber(redis.call('HGET', key, 's' .. s)) or 0)
+        calls = calls + (tonumber(values[base + 2]) or 0)
+        fails = fails + (tonumber(values[base + 3]) or 0)
+        slows = slows + (tonumber(values[base + 4]) or 0)
       end
     end
     local trip = (calls >= min_calls and fails / calls >= rate)

@@ -10,12 +10,19 @@ local window, nb = tonumber(ARGV[4]), tonumber(ARGV[5])
 redis.call('HSET', key, 'budget_ratio', ARGV[2], 'budget_min', ARGV[3])
 local bucket_ms = math.max(1, math.floor(window / nb))
 local idx = math.floor(now / bucket_ms)
+local names = {}
+for s = 0, nb - 1 do
+  names[#names + 1] = 't' .. s
+  names[#names + 1] = 'a' .. s
+  names[#names + 1] = 'r' .. s
+end
+local values = redis.call('HMGET', key, unpack(names))
 local attempts, retries = 0, 0
 for s = 0, nb - 1 do
-  local t = tonumber(redis.call('HGET', key, 't' .. s) or '-1')
+  local t = tonumber(values[s * 3 + 1] or '-1') or -1
   if t > idx - nb then
-    attempts = attempts + (tonumber(redis.call('HGET', key, 'a' .. s)) or 0)
-    retries = retries + (tonumber(redis.call('HGET', key, 'r' .. s)) or 0)
+    attempts = attempts + (tonumber(values[s * 3 + 2]) or 0)
+    retries = retries + (tonumber(values[s * 3 + 3]) or 0)
   end
 end
 if retries + 1 > ratio * attempts + floor_n then
