@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 import time
 import weakref
 from collections import Counter
@@ -168,9 +169,12 @@ class Runtime:
                     f"a task needs the Redis store: call resilient_tasks.install(app, "
                     f"redis_url=...) or set {REDIS_URL_ENV}",
                 )
-            self._store = RedisStore(
+            store = RedisStore(
                 self.redis_url, prefix=self.prefix, cluster=self.cluster, **self._redis_options
             )
+            # Off the task's path: a slow or refused CONFIG GET must not delay a task.
+            threading.Thread(target=store.check_eviction, name="rt-eviction-check", daemon=True).start()
+            self._store = store
         return self._store
 
     # -- the worker policies file -------------------------------------------------------
@@ -181,6 +185,11 @@ class Runtime:
         self.policy_file = policyfile.load(self.policies_path)
         self._resolved.clear()
         self._next_check = time.monotonic() + self.reload_interval
+
+    def store_timeout(self) -> float:
+        """The store's socket timeout: how long one round trip may block a worker."""
+        timeout = getattr(self.store, "socket_timeout", None)
+        return float(timeout) if timeout else 5.0
 
     def policy_for(self, task: ResilientTask) -> TaskPolicy:
         """The effective policy of ``task``: file layers around the code's policy."""

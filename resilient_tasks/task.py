@@ -210,17 +210,20 @@ def _finish(call: Call, *, failed: bool) -> None:
     # The side effect has happened: losing its completion would let a duplicate run it
     # again after the lease. Worth a few short tries (the writes are owner-checked, so a
     # repeat of one that did land is refused harmlessly).
+    # Only quick failures (a reset, a refused connection) are tried again: after a
+    # timeout the worker has waited long enough, and the lease covers what is lost.
+    budget = call.runtime.store_timeout() / 2
     for pause in END_RETRY_PAUSES:
         try:
             answers = call.runtime.store.run(ops)
             break
         except StoreUnavailable as exc:
-            if pause is None:
+            if pause is None or time.monotonic() - started + pause > budget:
                 log.error("could not record the outcome (%s ops) in the store: %s", len(ops), exc)
                 call.outcome["end"] = "store_unavailable"
                 call.runtime.count("end_lost")
-            else:
-                time.sleep(pause)
+                break
+            time.sleep(pause)
     call.outcome["end_ms"] = (time.monotonic() - started) * 1000
     if answers is None:
         return

@@ -9,6 +9,7 @@ only the ops that did not execute, which is safe because a NOSCRIPT op changed n
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 from collections.abc import Sequence
 from importlib import resources
@@ -39,6 +40,19 @@ def load_scripts() -> dict[str, str]:
     }
 
 
+def _lean_connection() -> dict[str, Any]:
+    """Connect with one command (SELECT), not five: RESP2 needs no HELLO, and no
+    CLIENT SETINFO to a server that may not know it. Through a slow network each of those
+    is a round trip a worker would wait for."""
+    params = inspect.signature(redis.connection.AbstractConnection.__init__).parameters
+    lean: dict[str, Any] = {"protocol": 2}
+    if "driver_info" in params:
+        lean["driver_info"] = None
+    elif "lib_name" in params:
+        lean.update(lib_name=None, lib_version=None)
+    return lean
+
+
 SCRIPTS: dict[str, str] = load_scripts()
 _SHAS: dict[str, str] = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
 
@@ -60,10 +74,14 @@ class RedisStore:
             raise ValueError(f"prefix {prefix!r} must be non-empty with no braces, '*' or spaces")
         self.prefix = prefix
         self.url = url
-        self._eviction_checked = False
+        self._socket_timeout = socket_timeout
+
         # No silent re-sends: a script whose reply was lost may have run, and only the
         # guards know whether running it again is safe.
         options.setdefault("retry", Retry(NoBackoff(), 0))
+        if not cluster:
+            for name, value in _lean_connection().items():
+                options.setdefault(name, value)
         self.cluster = cluster
         if client is not None:
             self.client: Any = client
@@ -81,6 +99,14 @@ class RedisStore:
                 **options,
             )
 
+    @property
+    def socket_timeout(self) -> float | None:
+        """Seconds one command may block (the URL's ``socket_timeout`` wins)."""
+        if self.cluster:
+            return self._socket_timeout
+        value = self.client.connection_pool.connection_kwargs.get("socket_timeout")
+        return float(value) if value is not None else None
+
     def key(self, kind: str, tag: str, *suffix: str) -> str:
         tail = "".join(f":{part}" for part in suffix)
         return f"{self.prefix}:{kind}:{{{tag}}}{tail}"
@@ -92,12 +118,11 @@ class RedisStore:
             raise StoreUnavailable(f"redis store at {self._where()} is unreachable: {exc}") from exc
 
     def check_eviction(self) -> str | None:
-        """Warn (once per process) when Redis may evict our records to make room.
+        """Warn when Redis may evict our records to make room (once, at store creation).
 
         Every key we write has a TTL, so any eviction policy but ``noeviction`` may drop a
         live claim and let a duplicate run; with ``noeviction`` a full Redis refuses the
         claim and the task is re-queued instead."""
-        self._eviction_checked = True
         try:
             policy = str(self.client.config_get("maxmemory-policy").get("maxmemory-policy", ""))
         except RedisError:  # CONFIG may be refused to an ACL user: nothing to learn
@@ -114,8 +139,6 @@ class RedisStore:
     def run(self, ops: Sequence[Op]) -> list[Any]:
         if not ops:
             return []
-        if not self._eviction_checked:
-            self.check_eviction()
         try:
             results = self._send(ops)
             missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]

@@ -88,3 +88,25 @@ def _clock_out(task_id: str | None = None, **_: object) -> None:
         spent = time.monotonic() - began
         if spent > float(_ledger.get("exec_max_s") or 0):
             _ledger.set("exec_max_s", round(spent, 3))
+
+
+def _time_store_calls() -> None:
+    """Test instrumentation: the longest single store call, in the ledger."""
+    from resilient_tasks.store.redis import RedisStore
+
+    original = RedisStore.run
+
+    def timed(self: RedisStore, ops: object) -> object:
+        began = time.monotonic()
+        try:
+            return original(self, ops)  # type: ignore[arg-type]
+        finally:
+            spent = time.monotonic() - began
+            if spent > float(_ledger.get("store_call_max_s") or 0):
+                _ledger.set("store_call_max_s", round(spent, 3))
+
+    RedisStore.run = timed  # type: ignore[method-assign, assignment]
+
+
+if os.environ.get("RT_TIME_STORE"):
+    _time_store_calls()
