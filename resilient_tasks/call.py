@@ -76,6 +76,7 @@ class Call:
     breaker_owner: str = ""
     fallback_key: str | None = None
     lease_s: float | None = None
+    epoch_seen: bool = False
     breaker_local: bool = False
     admission: Admission | None = None
     has_result: bool = False

@@ -71,6 +71,10 @@ class IdempotencyGuard:
         key = record_key(call, material)
         fp = fingerprint(run, call.args, call.kwargs, named) if policy.fingerprint else ""
         call.lease_s = lease_seconds(call, policy)
+        # Whether this process had seen the epoch *before* this claim was sent: another
+        # thread may set it while our claim is in flight, and that must not make a
+        # fleet's first start look like a store that lost its data.
+        call.epoch_seen = call.runtime.epoch_seen
         lease_ms = int(call.lease_s * 1000)
         previous_owner = str(call.headers.get(OWNER_HEADER) or "")
         owner = uuid.uuid4().hex
@@ -144,7 +148,7 @@ class IdempotencyGuard:
         """The store has no epoch marker: first start, or a restart that lost our data."""
         runtime = call.runtime
         if _text(answer[0]) == "no_epoch":
-            seen = runtime.epoch_seen
+            seen = call.epoch_seen
             _, window = runtime.reset_epoch(seen_before=seen)
             if not seen:  # a fresh fleet: nothing can be in flight, claim again
                 runtime.epoch_seen = True

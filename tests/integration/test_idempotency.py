@@ -272,3 +272,17 @@ def test_the_subclass_form_dedups_the_same_way(app: Celery) -> None:
         again = task.delay("A-1").get(timeout=20)
     assert first == again == {"sku": "A-1", "token": 1}
     assert effects == ["A-1"]
+
+
+def test_a_fleets_first_claims_racing_do_not_look_like_data_loss(app: Celery) -> None:
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+        idempotency=rt.IdempotencyPolicy(key=("n",), lease=30),
+    ))
+    def first(self: rt.ResilientTask, n: int) -> int:
+        return n
+
+    runtime = rt.runtime_for(app)
+    with in_process_worker(app, concurrency=8):
+        results = [first.delay(n) for n in range(64)]
+        assert [r.get(timeout=20) for r in results] == list(range(64))
+    assert runtime.counters[("store_amnesia", "")] == 0
