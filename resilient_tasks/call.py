@@ -75,6 +75,7 @@ class Call:
     finalizers: list[Callable[[Call, BaseException | None], None]] = field(default_factory=list)
     breaker_owner: str = ""
     fallback_key: str | None = None
+    fallback_prefetched: bool = False
     lease_s: float | None = None
     epoch_seen: bool = False
     breaker_local: bool = False

@@ -86,6 +86,7 @@ class Runtime:
         self._store_pid = os.getpid() if store is not None else -1
         self.heartbeat = Heartbeat(lambda: self.store)
         self.counters: Counter[tuple[str, str]] = Counter()
+        self.refusing: dict[str, tuple[float, int]] = {}
         # The epoch marker lives in another hash slot than the records: single-node only.
         self.epoch_guard = epoch_guard and not cluster
         self.epoch_seen = False
@@ -185,6 +186,24 @@ class Runtime:
         self.policy_file = policyfile.load(self.policies_path)
         self._resolved.clear()
         self._next_check = time.monotonic() + self.reload_interval
+
+    def note_admission(self, downstream: str, admission: Any) -> None:
+        """Remember how ``downstream`` answered last, so the next call's ``begin`` trip can
+        fetch a fallback in advance while it refuses calls (one round trip, not two)."""
+        if admission.allowed:
+            self.refusing.pop(downstream, None)
+        else:
+            until = time.monotonic() + max(1.0, float(admission.retry_after))
+            self.refusing[downstream] = (until, int(admission.consecutive_failures))
+
+    def refusal_hint(self, downstream: str | None) -> int | None:
+        """The failure count last seen for a downstream believed to refuse calls now."""
+        if downstream is None:
+            return None
+        hint = self.refusing.get(downstream)
+        if hint is None or hint[0] < time.monotonic():
+            return None
+        return hint[1]
 
     def store_timeout(self) -> float:
         """The store's socket timeout: how long one round trip may block a worker."""

@@ -22,7 +22,7 @@ from .errors import PolicyError, StoreUnavailable
 from .guards import run_chain
 from .guards.breaker import BreakerGuard, downstream_call
 from .guards.deadline import deadline_guard
-from .guards.fallback import FallbackGuard
+from .guards.fallback import _GUARD as FALLBACK_GUARD
 from .guards.idempotency import IdempotencyGuard
 from .guards.retry import retry_guard
 from .policy import TaskPolicy
@@ -37,7 +37,7 @@ _IDEMPOTENCY = IdempotencyGuard()
 #: Pauses between tries of the ``end`` round trip (``None``: give up).
 END_RETRY_PAUSES: tuple[float | None, ...] = (0.05, 0.25, None)
 _BREAKER = BreakerGuard()
-_FALLBACK = FallbackGuard()
+_FALLBACK = FALLBACK_GUARD
 
 
 _CHAINS: dict[int, tuple[TaskPolicy, tuple[Callable[..., Any], ...]]] = {}

@@ -114,6 +114,7 @@ class BreakerGuard:
         if admission.switch != "normal":
             call.outcome["switch"] = admission.switch
         call.outcome["consecutive_failures"] = admission.consecutive_failures
+        call.runtime.note_admission(name, admission)
         if not admission.allowed:
             if admission.switch != "normal":
                 return on_switch(call, name, policy, admission)

@@ -61,7 +61,10 @@ def serve_fallback(call: Call, exc: BaseException) -> Any:
     runtime = call.runtime
     name = call.policy.downstream or ""
     try:
-        (answer,) = runtime.store.run([_serve_op(call, policy)])
+        if call.fallback_prefetched and _GUARD in call.preparers:
+            (answer,) = call.begin(_GUARD)  # fetched in the begin trip already
+        else:
+            (answer,) = runtime.store.run([_serve_op(call, policy)])
     except StoreUnavailable as store_exc:
         log.warning("fallback cache unavailable: %s", store_exc)
         answer = []
@@ -94,10 +97,11 @@ def _served(call: Call, name: str, value: Any, source: str, age: float | None) -
     return degraded(value, source, age)
 
 
-def _serve_op(call: Call, policy: FallbackPolicy) -> Op:
+def _serve_op(call: Call, policy: FallbackPolicy, failures: int | None = None) -> Op:
     ttl_ms, floor_ms = int(policy.ttl * 1000), int(policy.floor * 1000)
     max_stale_ms = int((policy.max_stale or 0) * 1000)
-    args = (call.runtime.now_ms(), _failures(call), ttl_ms, policy.decay, floor_ms, max_stale_ms)
+    n = _failures(call) if failures is None else failures
+    args = (call.runtime.now_ms(), n, ttl_ms, policy.decay, floor_ms, max_stale_ms)
     return Op("cache_serve", (_key(call),), args)
 
 
@@ -117,6 +121,12 @@ class FallbackGuard:
     """Caches successes under the fallback key and serves them on failure."""
 
     def prepare(self, call: Call) -> list[Op]:
+        """A peek for negative entries; while the downstream refuses calls, the fallback
+        itself instead, so a refused call is served from this one round trip."""
+        hint = call.runtime.refusal_hint(call.policy.downstream)
+        if hint is not None and call.policy.fallback is not None:
+            call.fallback_prefetched = True
+            return [_serve_op(call, call.policy.fallback, failures=hint + 1)]
         return [Op("cache_peek", (_key(call),), ())]
 
     def abandon(self, call: Call) -> list[Op]:
@@ -129,6 +139,8 @@ class FallbackGuard:
             (peek,) = call.begin(self)
         except StoreUnavailable:
             peek = []
+        if call.fallback_prefetched:
+            peek = []  # a served-fallback answer, not a peek: the downstream is being tried
         text = _opened(call, peek[1]) if peek else None
         if text is not None:
             kind = peek[0].decode() if isinstance(peek[0], bytes) else str(peek[0])
@@ -184,3 +196,7 @@ def _valid(policy: FallbackPolicy, value: Any) -> bool:
     if not ok:
         log.warning("result not cached for fallback: it failed validation")
     return ok
+
+
+#: The one guard instance chains use (``serve_fallback`` reads its prefetched answer).
+_GUARD = FallbackGuard()

@@ -159,3 +159,31 @@ def test_a_result_failing_validation_is_not_cached(app: Celery, store_client: ob
         assert quote.delay(9).get(timeout=20) == {"n": 9, "price": 4}
     cached = list(store_client.scan_iter("rt:fb:*"))  # type: ignore[attr-defined]
     assert len(cached) == 1, "only the valid result was cached"
+
+
+def test_with_the_breaker_open_a_cached_fallback_costs_one_round_trip(app: Celery) -> None:
+    prices = Prices()
+    price = make_task(app, prices)
+    runtime = rt.runtime_for(app)
+    trips: list[int] = []
+    original = runtime.store.run
+
+    def counted(ops: object) -> object:
+        trips.append(len(ops))  # type: ignore[arg-type]
+        return original(ops)  # type: ignore[arg-type]
+
+    with in_process_worker(app, concurrency=1):
+        assert price.delay("abc").get(timeout=20) == {"sku": "abc", "price": 3}  # type: ignore[attr-defined]
+        rt.set_switch(app, "pricing", "forced_open")
+        runtime.store.run = counted  # type: ignore[method-assign]
+        try:
+            answers = [price.delay("abc").get(timeout=20) for _ in range(4)]  # type: ignore[attr-defined]
+        finally:
+            runtime.store.run = original  # type: ignore[method-assign]
+    for answer in answers:
+        value, info = rt.unwrap(answer)
+        assert info is not None and info.source == "cache" and value == {"sku": "abc", "price": 3}
+    assert prices.calls["abc"] == 1, "the open breaker kept every call off the downstream"
+    # The first refused call learns the breaker is open (admit, then serve: 2 trips); the
+    # next ones fetch the fallback in their single begin trip.
+    assert len(trips) == 2 + 3, trips
