@@ -9,6 +9,7 @@ scripts are checked against in the property tests.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,8 +170,13 @@ class LocalBreaker:
     transitions: int = 0
     probes: dict[str, int] = field(default_factory=dict)
     slots: dict[int, _Slot] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def admit(self, owner: str, now: int) -> Admission:
+        with self.lock:  # a thread pool's tasks share one local breaker
+            return self._admit(owner, now)
+
+    def _admit(self, owner: str, now: int) -> Admission:
         lease = probe_lease_ms(self.policy)
         if self.state == "open":
             if now < self.open_until:
@@ -208,6 +214,10 @@ class LocalBreaker:
 
     def record(self, owner: str, outcome: str, *, probe: bool, first_attempt: bool, now: int) -> bool:
         """Count one outcome; True when it caused a transition."""
+        with self.lock:
+            return self._record(owner, outcome, probe=probe, first_attempt=first_attempt, now=now)
+
+    def _record(self, owner: str, outcome: str, *, probe: bool, first_attempt: bool, now: int) -> bool:
         policy = self.policy
         if probe:
             self.probes.pop(owner, None)
@@ -248,6 +258,10 @@ class LocalBreaker:
         return trip
 
     def spend_retry(self, budget: RetryBudget, now: int) -> bool:
+        with self.lock:
+            return self._spend_retry(budget, now)
+
+    def _spend_retry(self, budget: RetryBudget, now: int) -> bool:
         bucket_ms = max(1, math.floor(self.policy.window * 1000 / self.policy.buckets))
         index = now // bucket_ms
         window = self._window(index)

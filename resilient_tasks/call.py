@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .errors import ClaimLost
+from .errors import ClaimLost, StoreUnavailable
 from .store.base import Op
 
 if TYPE_CHECKING:
@@ -83,15 +83,22 @@ class Call:
     has_result: bool = False
     result: Any = None
     _begun: dict[int, list[Any]] | None = None
+    _begin_error: StoreUnavailable | None = None
 
     def begin(self, guard: Any) -> list[Any]:
         """The answers to ``guard``'s ``prepare`` ops, fetched with every other guard's
         in one round trip the first time any guard asks."""
+        if self._begin_error is not None:
+            raise self._begin_error  # every guard learns that the store failed
         if self._begun is None:
             ops_by_guard = [(g, g.prepare(self)) for g in self.preparers]
             flat = [op for _, ops in ops_by_guard for op in ops]
+            try:
+                answers = self.runtime.store.run(flat) if flat else []
+            except StoreUnavailable as exc:
+                self._begin_error = exc
+                raise
             self._begun = {}
-            answers = self.runtime.store.run(flat) if flat else []
             start = 0
             for g, ops in ops_by_guard:
                 self._begun[id(g)] = answers[start : start + len(ops)]

@@ -60,6 +60,8 @@ class Heartbeat:
         if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
             return
         with self._lock:
+            if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+                return  # another thread started it meanwhile
             if self._pid != os.getpid():  # forked: the parent's leases are not ours
                 self._leases.clear()
             self._pid = os.getpid()
@@ -72,11 +74,11 @@ class Heartbeat:
                 now = time.monotonic()
                 due = [lease for lease in self._leases.values() if lease.due <= now]
                 upcoming = min((lease.due for lease in self._leases.values()), default=now + 1.0)
+                # set with the same look at the leases: a track() after this sees it
+                self._planned_wake = 0.0 if due else upcoming
             if due:
                 self._renew(due)
                 continue
-            with self._lock:
-                self._planned_wake = upcoming
             self._wake.wait(timeout=max(0.01, upcoming - time.monotonic()))
             self._wake.clear()
             with self._lock:

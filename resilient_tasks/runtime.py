@@ -14,7 +14,6 @@ import weakref
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
-from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from celery import signals
@@ -83,8 +82,8 @@ class Runtime:
         self.max_result_bytes = max_result_bytes
         self._redis_options = dict(redis_options or {})
         self._store = store
-        self._store_pid = os.getpid() if store is not None else -1
         self.heartbeat = Heartbeat(lambda: self.store)
+        self._lock = threading.RLock()
         self.counters: Counter[tuple[str, str]] = Counter()
         self.refusing: dict[str, tuple[float, int]] = {}
         # The epoch marker lives in another hash slot than the records: single-node only.
@@ -155,14 +154,21 @@ class Runtime:
 
     def local_breaker(self, name: str, policy: BreakerPolicy) -> LocalBreaker:
         """This process's stand-in for ``name`` while Redis is unreachable (fail-open)."""
-        breaker = self._local_breakers.get(name)
-        if breaker is None or breaker.policy != policy:
-            breaker = self._local_breakers[name] = LocalBreaker(policy)
-        return breaker
+        with self._lock:
+            breaker = self._local_breakers.get(name)
+            if breaker is None or breaker.policy != policy:
+                breaker = self._local_breakers[name] = LocalBreaker(policy)
+            return breaker
 
     @property
     def store(self) -> Store:
         """The shared store; a fork gets its own connections (redis-py checks the pid)."""
+        if self._store is not None:
+            return self._store
+        with self._lock:
+            return self._make_store()
+
+    def _make_store(self) -> Store:
         if self._store is None:
             if not self.redis_url:
                 raise PolicyError(
@@ -269,21 +275,23 @@ class Runtime:
             except StoreUnavailable as exc:
                 log.error("could not apply switch %s=%s from the policies file: %s", name, mode, exc)
 
-    @cached_property
-    def _deadline_hook(self) -> Callable[..., None]:
-        def hook(sender: Any = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
-            if headers is None:
-                return
-            name = headers.get("task") or sender
-            task = self.app.tasks.get(name) if isinstance(name, str) else None
-            own = getattr(getattr(task, "policy", None), "deadline", None)
-            candidates = [d for d in (headers.get(DEADLINE_HEADER), current_deadline.get()) if d]
-            if own is not None and not candidates:
-                candidates.append(self.clock() + float(own))
-            if candidates:
-                headers[DEADLINE_HEADER] = min(float(d) for d in candidates)
 
-        return hook
+def stamp_deadline(sender: Any = None, headers: dict[str, Any] | None = None, **_: Any) -> None:
+    """``before_task_publish``: the earliest of the message's deadline, the running task's
+    and the task's own policy deadline (when an installed app knows the task)."""
+    if headers is None:
+        return
+    name = headers.get("task") or sender
+    candidates = [float(d) for d in (headers.get(DEADLINE_HEADER), current_deadline.get()) if d]
+    if isinstance(name, str):
+        for runtime in list(_RUNTIMES.values()):
+            task = runtime.app._tasks.get(name)  # no finalize from inside a publish
+            own = getattr(getattr(task, "policy", None), "deadline", None)
+            if own is not None:
+                candidates.append(runtime.clock() + float(own))
+                break
+    if candidates:
+        headers[DEADLINE_HEADER] = min(candidates)
 
 
 def _running_celery_cli() -> bool:
@@ -341,8 +349,9 @@ def _largest_wait(app: Celery, tasks: list[Any]) -> tuple[float, str]:
             waits.append((lease, f"{name}: IdempotencyPolicy.lease"))
         if policy.breaker is not None or policy.downstream is not None:
             breaker = policy.breaker or DEFAULT_BREAKER
-            longest_open = breaker.open_for_max or breaker.open_for
-            waits.append((longest_open, f"{name}: BreakerPolicy.open_for"))
+            # a deferral lands at the half-open time plus up to 5 s of jitter
+            longest_open = (breaker.open_for_max or breaker.open_for) + 5.0
+            waits.append((longest_open, f"{name}: BreakerPolicy.open_for (+5 s jitter)"))
         for value, label in waits:
             if value > largest:
                 largest, what = value, label
@@ -430,11 +439,8 @@ def install(
             if _running_celery_cli():
                 raise SystemExit(f"resilient-tasks: the worker will not start.\n{exc}") from None
             raise
-    previous = _RUNTIMES.get(app)
-    if previous is not None:
-        signals.before_task_publish.disconnect(previous._deadline_hook)
     _RUNTIMES[app] = runtime
-    signals.before_task_publish.connect(runtime._deadline_hook, weak=False)
+    signals.before_task_publish.connect(stamp_deadline, weak=False, dispatch_uid="resilient_tasks.deadline")
     if _configure and not getattr(app, "_rt_metrics_option", False):
         from .prometheus import add_worker_option
 

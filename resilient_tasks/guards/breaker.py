@@ -79,8 +79,9 @@ class BreakerGuard:
 
     def abandon(self, call: Call) -> list[Op]:
         """A replayed or deferred call frees the probe lease it was handed."""
-        admission = call.admission
         found = task_breaker(call)
+        answers = call.begin(self) if found is not None else []
+        admission = parse_admission(answers[0]) if answers else None
         if admission is None or not admission.probe or found is None:
             return []
         name, policy = found

@@ -127,7 +127,7 @@ class FallbackGuard:
         if hint is not None and call.policy.fallback is not None:
             call.fallback_prefetched = True
             return [_serve_op(call, call.policy.fallback, failures=hint + 1)]
-        return [Op("cache_peek", (_key(call),), ())]
+        return [Op("cache_peek", (_key(call),), (call.runtime.now_ms(),))]
 
     def abandon(self, call: Call) -> list[Op]:
         return []

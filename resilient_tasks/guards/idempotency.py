@@ -152,7 +152,7 @@ class IdempotencyGuard:
             _, window = runtime.reset_epoch(seen_before=seen)
             if not seen:  # a fresh fleet: nothing can be in flight, claim again
                 runtime.epoch_seen = True
-                (again,) = runtime.store.run(self.prepare_again(call))
+                (again,) = runtime.store.run(self.prepare(call))
                 if _text(again[0]) not in ("no_epoch", "amnesia"):
                     return again
             answer = [b"amnesia", 0, window or int(runtime.longest_lease() * 1000)]
@@ -165,9 +165,6 @@ class IdempotencyGuard:
             remaining,
         )
         defer(call, remaining + random.uniform(0.0, 1.0), "idempotency store lost its data")
-
-    def prepare_again(self, call: Call) -> list[Op]:
-        return self.prepare(call)
 
     def _run(self, call: Call, policy: IdempotencyPolicy, token: int, next: Next) -> Any:
         claim = call.claim

@@ -15,7 +15,7 @@ from ..breaker import spend_retry_op
 from ..call import PREV_DELAY_HEADER, Call
 from ..errors import RetryBudgetExhausted, StoreUnavailable
 from ..policy import matches
-from ..schedule import retry
+from ..schedule import check_deadline, retry
 from . import PASS_THROUGH, Next
 
 __all__ = ["retry_delay", "retry_guard"]
@@ -47,6 +47,7 @@ def retry_guard(call: Call, next: Next) -> Any:
             call.outcome["retry"] = "exhausted"
             raise
         delay = retry_delay(call, exc)
+        check_deadline(call, delay, "retry", exc)  # before taking a fleet-wide budget slot
         _spend_budget(call, exc)
         retry(call, exc, delay, policy.max_retries)
 

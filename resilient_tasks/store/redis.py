@@ -8,6 +8,7 @@ only the ops that did not execute, which is safe because a NOSCRIPT op changed n
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import logging
@@ -23,7 +24,7 @@ from redis.retry import Retry
 from ..errors import StoreUnavailable
 from .base import Op
 
-__all__ = ["SCRIPTS", "RedisStore", "load_scripts"]
+__all__ = ["RedisStore", "load_scripts", "scripts"]
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,10 @@ def _lean_connection() -> dict[str, Any]:
     return lean
 
 
-SCRIPTS: dict[str, str] = load_scripts()
-_SHAS: dict[str, str] = {name: hashlib.sha1(src.encode()).hexdigest() for name, src in SCRIPTS.items()}
+@functools.cache
+def scripts() -> dict[str, tuple[str, str]]:
+    """Every script's source and SHA-1, read when the first store needs them."""
+    return {name: (src, hashlib.sha1(src.encode()).hexdigest()) for name, src in load_scripts().items()}
 
 
 class RedisStore:
@@ -159,23 +162,25 @@ class RedisStore:
             op = ops[0]
             try:
                 return [
-                    self.client.execute_command("EVALSHA", _SHAS[op.script], len(op.keys), *op.keys, *op.args)
+                    self.client.execute_command(
+                        "EVALSHA", scripts()[op.script][1], len(op.keys), *op.keys, *op.args
+                    )
                 ]
             except ResponseError as exc:  # NOSCRIPT, OOM...: answered like a pipeline would
                 return [exc]
         pipe: Any = self.client.pipeline(transaction=False)
         for op in ops:
-            pipe.execute_command("EVALSHA", _SHAS[op.script], len(op.keys), *op.keys, *op.args)
+            pipe.execute_command("EVALSHA", scripts()[op.script][1], len(op.keys), *op.keys, *op.args)
         return list(pipe.execute(raise_on_error=False))
 
     def _load(self, names: set[str]) -> None:
         if self.cluster:  # SCRIPT LOAD goes to every primary
             for name in sorted(names):
-                self.client.script_load(SCRIPTS[name])
+                self.client.script_load(scripts()[name][0])
             return
         pipe: Any = self.client.pipeline(transaction=False)
         for name in sorted(names):
-            pipe.execute_command("SCRIPT", "LOAD", SCRIPTS[name])
+            pipe.execute_command("SCRIPT", "LOAD", scripts()[name][0])
         pipe.execute()
 
     def _where(self) -> str:

@@ -222,3 +222,22 @@ def test_two_downstreams_in_one_task_have_two_breakers(app: Celery, store_client
     # erp's failures are counted on erp's breaker, not on the task's own downstream.
     assert breaker_state(store_client, "rt", "inventory")[b"state"] == b"closed"
     assert warehouse.calls == 3 and erp.calls == 2
+
+
+def test_store_down_with_breaker_and_fallback_runs_on_the_local_breaker(
+    app_factory: Callable[..., Celery],
+) -> None:
+    app = app_factory()
+    rt.install(app, redis_url=f"redis://127.0.0.1:{free_port()}/1", redis_options={"socket_timeout": 0.2})
+    service = Downstream()
+    service.healthy = True
+
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+        downstream="F", fallback=rt.FallbackPolicy(key=("n",), default="stale"),
+    ))
+    def read(self: rt.ResilientTask, n: int) -> str:
+        return service.call()
+
+    with in_process_worker(app, concurrency=1):
+        assert read.delay(1).get(timeout=20) == "ok", "fail-open: the body ran on the local breaker"
+    assert rt.runtime_for(app).counters[("breaker_local", "F")] == 1

@@ -110,3 +110,21 @@ def test_retry_after_hint_is_honoured(app: Celery) -> None:
     with in_process_worker(app):
         assert throttled.delay().get(timeout=20) == 2
     assert stamps[1] - stamps[0] >= 0.55
+
+
+def test_a_child_keeps_its_own_shorter_deadline(app: Celery) -> None:
+    seen: list[float] = []
+
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(deadline=5))
+    def quick_child(self: rt.ResilientTask) -> None:
+        seen.append(float(self.request.headers["rt_deadline"]))
+
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(deadline=3600))
+    def long_parent(self: rt.ResilientTask) -> str:
+        return str(quick_child.delay().id)
+
+    before = time.time()
+    with in_process_worker(app):
+        child_id = long_parent.delay().get(timeout=20)
+        app.AsyncResult(child_id).get(timeout=20)
+    assert before < seen[0] < time.time() + 5, "the child's 5 s, not the parent's hour"

@@ -187,3 +187,17 @@ def test_with_the_breaker_open_a_cached_fallback_costs_one_round_trip(app: Celer
     # The first refused call learns the breaker is open (admit, then serve: 2 trips); the
     # next ones fetch the fallback in their single begin trip.
     assert len(trips) == 2 + 3, trips
+
+
+def test_a_cached_failure_keeps_serving_the_last_good_value(app: Celery) -> None:
+    prices = Prices()
+    price = make_task(app, prices, cache_failures=True, negative_ttl=30)
+    with in_process_worker(app, concurrency=1):
+        assert price.delay("abc").get(timeout=20) == {"sku": "abc", "price": 3}  # type: ignore[attr-defined]
+        prices.up = False
+        first = rt.unwrap(price.delay("abc").get(timeout=20))  # type: ignore[attr-defined]
+        calls_after_first = prices.calls["abc"]
+        second = rt.unwrap(price.delay("abc").get(timeout=20))  # type: ignore[attr-defined]
+    for value, info in (first, second):
+        assert info is not None and info.source == "cache" and value == {"sku": "abc", "price": 3}
+    assert prices.calls["abc"] == calls_after_first, "the remembered failure skipped the downstream"
