@@ -28,6 +28,9 @@ __all__ = ["RedisStore", "load_scripts", "scripts"]
 
 log = logging.getLogger(__name__)
 
+#: How many times a batch's NOSCRIPT answers are loaded and re-sent.
+NOSCRIPT_TRIES = 3
+
 
 def load_scripts() -> dict[str, str]:
     """Every ``lua/*.lua`` shipped with the package, by name, each behind the shared
@@ -144,8 +147,11 @@ class RedisStore:
             return []
         try:
             results = self._send(ops)
-            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-            if missing:
+            # A flush can land between our load and the re-send: try a few times.
+            for _ in range(NOSCRIPT_TRIES):
+                missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+                if not missing:
+                    break
                 self._load({ops[i].script for i in missing})
                 again = self._send([ops[i] for i in missing])
                 for i, value in zip(missing, again, strict=True):

@@ -140,3 +140,24 @@ def test_a_full_store_refuses_the_claim(rt_redis_flushed: RedisServer) -> None:
     finally:
         client.config_set("maxmemory", "0")
         client.close()
+
+
+def test_noscript_is_recovered_even_when_flushes_keep_coming(store: RedisStore) -> None:
+    """A flush between loading and re-sending is answered by loading again."""
+    flushes = {"left": 1}
+    load = store._load
+
+    def load_then_flush(names: set[str]) -> None:
+        load(names)
+        if flushes["left"]:
+            flushes["left"] -= 1
+            store.client.script_flush()  # another SCRIPT FLUSH lands right after our load
+
+    store._load = load_then_flush  # type: ignore[method-assign]
+    store.client.script_flush()
+    key = store.key("idem", "flushy")
+    answers = store.run([
+        Op("claim", (key,), ("a", 1000, 60_000, "", "t", T0, "")),
+        Op("claim", (store.key("idem", "flushy2"),), ("b", 1000, 60_000, "", "t", T0, "")),
+    ])
+    assert [a[0] for a in answers] == [b"claimed", b"claimed"]
