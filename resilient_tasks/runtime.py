@@ -119,15 +119,13 @@ class Runtime:
 
     def longest_lease(self) -> float:
         """The longest idempotency lease of this app's tasks (how long an old run may live)."""
-        from .guards.idempotency import DEFAULT_LEASE
+        from .guards.idempotency import DEFAULT_LEASE, task_lease
 
         longest = 0.0
         for task in list(self.app.tasks.values()):
-            policy = getattr(task, "policy", None)
-            idem = getattr(policy, "idempotency", None)
+            idem = getattr(getattr(task, "policy", None), "idempotency", None)
             if idem is not None:
-                limit = getattr(task, "time_limit", None) or self.app.conf.task_time_limit
-                longest = max(longest, idem.lease or (float(limit) if limit else DEFAULT_LEASE))
+                longest = max(longest, task_lease(task, self.app, idem))
         return longest or DEFAULT_LEASE
 
     def now_ms(self) -> int:
@@ -325,7 +323,7 @@ def _check_serializers(app: Celery) -> None:
 
 def _largest_wait(app: Celery, tasks: list[Any]) -> tuple[float, str]:
     """The longest countdown or lease any of ``tasks`` may schedule."""
-    from .guards.idempotency import DEFAULT_LEASE
+    from .guards.idempotency import task_lease
     from .task import ResilientTask
 
     largest, what = 0.0, ""
@@ -344,8 +342,7 @@ def _largest_wait(app: Celery, tasks: list[Any]) -> tuple[float, str]:
         if policy.retry is not None:
             waits.append((policy.retry.cap, f"{name}: RetryPolicy.cap"))
         if policy.idempotency is not None:
-            limit = task.time_limit or app.conf.task_time_limit
-            lease = policy.idempotency.lease or (float(limit) if limit else DEFAULT_LEASE)
+            lease = task_lease(task, app, policy.idempotency)
             waits.append((lease, f"{name}: IdempotencyPolicy.lease"))
         if policy.breaker is not None or policy.downstream is not None:
             breaker = policy.breaker or DEFAULT_BREAKER

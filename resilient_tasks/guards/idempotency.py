@@ -45,12 +45,17 @@ def record_key(call: Call, material: str) -> str:
     return call.runtime.store.key("idem", digest(call.task.name, material))
 
 
-def lease_seconds(call: Call, policy: IdempotencyPolicy) -> float:
-    """The policy's lease, else the task's hard time limit, else 60 s."""
+def task_lease(task: Any, app: Any, policy: IdempotencyPolicy) -> float:
+    """The policy's lease, else the task's hard time limit, else 60 s (one rule for the
+    claim, the heartbeat, the visibility-timeout check and the amnesia window)."""
     if policy.lease is not None:
         return policy.lease
-    limit = call.task.time_limit or call.task.app.conf.task_time_limit
+    limit = getattr(task, "time_limit", None) or app.conf.task_time_limit
     return float(limit) if limit else DEFAULT_LEASE
+
+
+def lease_seconds(call: Call, policy: IdempotencyPolicy) -> float:
+    return task_lease(call.task, call.task.app, policy)
 
 
 class IdempotencyGuard:
