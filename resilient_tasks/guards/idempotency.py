@@ -113,7 +113,13 @@ class IdempotencyGuard:
         assert policy is not None
         try:
             (answer,) = call.begin(self)
+            verdict = _text(answer[0])
+            if verdict in ("no_epoch", "amnesia"):
+                answer = self._epoch(call, answer)
+                verdict = _text(answer[0])
         except StoreUnavailable as exc:
+            # Also while settling the epoch: a fleet's first claims may meet a store that
+            # stops answering halfway, and that must defer the job, never fail it.
             call.claim = None
             if policy.on_store_error == "fail_open":
                 call.outcome["idempotency"] = "unguarded"
@@ -121,10 +127,6 @@ class IdempotencyGuard:
                 return next(call)
             call.outcome["idempotency"] = "store_unavailable"
             defer(call, random.uniform(1.0, 5.0), f"idempotency store unavailable: {exc}", exc)
-        verdict = _text(answer[0])
-        if verdict in ("no_epoch", "amnesia"):
-            answer = self._epoch(call, answer)
-            verdict = _text(answer[0])
         call.runtime.epoch_seen = True
         if verdict == "claimed":
             return self._run(call, policy, int(answer[1]), next)

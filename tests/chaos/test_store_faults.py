@@ -45,6 +45,25 @@ def logs_mention(tmp_path: Path, text: str) -> int:
     return sum(p.read_text(errors="replace").count(text) for p in tmp_path.glob("f*.log"))
 
 
+def wait_all_applied(ledger: redis.Redis, jobs: int, tmp_path: Path) -> None:
+    """Wait for every job; on a timeout, say which are missing and what the workers logged."""
+    try:
+        wait_until(lambda: ledger.hlen("applied") >= jobs, timeout=180, interval=0.5, what="all applied")
+    except TimeoutError:
+        applied = {k.decode() for k in ledger.hkeys("applied")}
+        missing = [f"job-{n}" for n in range(jobs) if f"job-{n}" not in applied]
+        errors = [
+            line
+            for p in sorted(tmp_path.glob("f*.log"))
+            for line in p.read_text(errors="replace").splitlines()
+            if "ERROR" in line or "Error:" in line
+        ]
+        raise AssertionError(
+            f"{len(missing)} jobs never applied: {missing[:10]}; worker errors (last 20):\n"
+            + "\n".join(errors[-20:])
+        ) from None
+
+
 def test_store_killed_and_restarted_five_times_and_scripts_flushed(
     rt_redis_flushed: RedisServer, tmp_path: Path
 ) -> None:
@@ -92,7 +111,7 @@ def test_store_killed_and_restarted_five_times_and_scripts_flushed(
                 )
                 resumed.append(time.monotonic() - restarted)
             publisher.join()
-            wait_until(lambda: ledger.hlen("applied") >= jobs, timeout=180, interval=0.5, what="all applied")
+            wait_all_applied(ledger, jobs, tmp_path)
         finally:
             stop.set()
             for worker in workers:
@@ -143,7 +162,7 @@ def test_jobs_through_a_faulty_network_to_the_store(rt_redis_flushed: RedisServe
             publisher.join()
             time.sleep(2)
             proxy.clear()
-            wait_until(lambda: ledger.hlen("applied") >= jobs, timeout=180, interval=0.5, what="all applied")
+            wait_all_applied(ledger, jobs, tmp_path)
         finally:
             for worker in workers:
                 worker.stop()

@@ -286,3 +286,40 @@ def test_a_fleets_first_claims_racing_do_not_look_like_data_loss(app: Celery) ->
         results = [first.delay(n) for n in range(64)]
         assert [r.get(timeout=20) for r in results] == list(range(64))
     assert runtime.counters[("store_amnesia", "")] == 0
+
+
+def test_a_store_that_stops_answering_while_the_epoch_settles_defers_the_job(
+    app_factory: Callable[..., Celery], rt_redis_flushed: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fleet's very first claim finds no epoch marker; if the store goes silent before
+    the marker is written, the job is deferred and runs later, never failed."""
+    from resilient_tasks.runtime import Runtime
+    from resilient_tasks.testing import FaultProxy
+
+    runs: list[int] = []
+    with FaultProxy(rt_redis_flushed.port) as proxy:  # type: ignore[attr-defined]
+        app = app_factory()
+        rt.install(app, redis_url=f"redis://127.0.0.1:{proxy.port}/1?socket_timeout=0.5")
+        original = Runtime.reset_epoch
+        silenced: list[float] = []
+
+        def silent_first(self: Runtime, *, seen_before: bool) -> tuple[bool, int]:
+            if not silenced:
+                silenced.append(time.monotonic())
+                proxy.blackhole(1.0)  # a real network fault, right between the two trips
+            return original(self, seen_before=seen_before)
+
+        monkeypatch.setattr(Runtime, "reset_epoch", silent_first)
+
+        @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+            idempotency=rt.IdempotencyPolicy(key=("n",), lease=2),
+        ))
+        def first(self: rt.ResilientTask, n: int) -> int:
+            runs.append(n)
+            return n
+
+        with in_process_worker(app, concurrency=1):
+            assert first.delay(5).get(timeout=30) == 5
+    assert silenced, "the fault was injected"
+    assert runs == [5]
+    assert rt.runtime_for(app).counters[("store_amnesia", "")] == 0
