@@ -209,6 +209,19 @@ class Runtime:
             return None
         return hint[1]
 
+    def warm_store(self) -> None:
+        """Connect and load the scripts in the background when a worker starts, so its
+        first task pays one round trip, not a connection set-up and a NOSCRIPT."""
+        if not self.redis_url:
+            return
+
+        def warm() -> None:
+            warm_up = getattr(self.store, "warm", None)
+            if warm_up is not None:
+                warm_up()
+
+        threading.Thread(target=warm, name="rt-store-warm-up", daemon=True).start()
+
     def store_timeout(self) -> float:
         """The store's socket timeout: how long one round trip may block a worker."""
         timeout = getattr(self.store, "socket_timeout", None)
@@ -443,11 +456,30 @@ def install(
 
         add_worker_option(app)
         app._rt_metrics_option = True
+    signals.worker_ready.connect(_warm_on_worker_ready, weak=False, dispatch_uid="resilient_tasks.warm")
+    signals.worker_process_init.connect(_warm_on_child_start, weak=False, dispatch_uid="resilient_tasks.warm")
     if runtime.policy_file is not None:
         signals.worker_ready.connect(lambda sender=None, **_: runtime.apply_file_switches(), weak=False)
     if _configure and app.finalized:
         check_visibility_timeout(app)  # tasks bound later are checked in ResilientTask.bind
     return runtime
+
+
+def _warm_on_worker_ready(sender: Any = None, **_: Any) -> None:
+    """The worker's main process (solo, threads and gevent pools; prefork's parent)."""
+    app = getattr(sender, "app", None)
+    runtime = _RUNTIMES.get(app) if app is not None else None
+    if runtime is not None:
+        runtime.warm_store()
+
+
+def _warm_on_child_start(**_: Any) -> None:
+    """Each prefork child: its own connections."""
+    from celery import current_app
+
+    runtime = _RUNTIMES.get(current_app._get_current_object())
+    if runtime is not None:
+        runtime.warm_store()
 
 
 def parse_expires(value: Any) -> float | None:

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import inspect
 import logging
+import time
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -145,6 +146,7 @@ class RedisStore:
     def run(self, ops: Sequence[Op]) -> list[Any]:
         if not ops:
             return []
+        started = time.monotonic()
         try:
             results = self._send(ops)
             # A flush can land between our load and the re-send: try a few times.
@@ -152,8 +154,8 @@ class RedisStore:
                 missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
                 if not missing:
                     break
-                self._load({ops[i].script for i in missing})
-                again = self._send([ops[i] for i in missing])
+                self._within_budget(started)
+                again = self._load_and_send([ops[i] for i in missing])
                 for i, value in zip(missing, again, strict=True):
                     results[i] = value
         except RedisError as exc:
@@ -162,6 +164,26 @@ class RedisStore:
             if isinstance(value, ResponseError):
                 raise StoreUnavailable(f"script {op.script!r} failed: {value}") from value
         return results
+
+    def _within_budget(self, started: float) -> None:
+        """One call blocks a worker at most about two socket timeouts: after one has
+        passed, no further trip (a NOSCRIPT recovery) is started."""
+        timeout = self.socket_timeout
+        spent = time.monotonic() - started
+        if timeout is not None and spent > timeout:
+            raise StoreUnavailable(
+                f"redis store at {self._where()} is too slow: {spent:.2f}s spent, "
+                f"more than the socket timeout ({timeout:g}s), before recovering NOSCRIPT"
+            )
+
+    def warm(self) -> None:
+        """Open a connection and load every script, off a task's path (worker start), so
+        the first task's round trip is one round trip."""
+        try:
+            self.ping()
+            self._load(set(scripts()))
+        except (RedisError, StoreUnavailable) as exc:
+            log.info("store warm-up skipped (the first task will connect): %s", exc)
 
     def _send(self, ops: Sequence[Op]) -> list[Any]:
         if len(ops) == 1:  # one op: no pipeline object to build (a third less client CPU)
@@ -188,6 +210,24 @@ class RedisStore:
         for name in sorted(names):
             pipe.execute_command("SCRIPT", "LOAD", scripts()[name][0])
         pipe.execute()
+
+    def _load_and_send(self, ops: Sequence[Op]) -> list[Any]:
+        """Load the ops' scripts and run the ops again: in one round trip on one server
+        (commands of a pipeline run in order, so each load precedes its EVALSHA)."""
+        names = sorted({op.script for op in ops})
+        if self.cluster:
+            self._load(set(names))
+            return self._send(ops)
+        pipe: Any = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.execute_command("SCRIPT", "LOAD", scripts()[name][0])
+        for op in ops:
+            pipe.execute_command("EVALSHA", scripts()[op.script][1], len(op.keys), *op.keys, *op.args)
+        answers = list(pipe.execute(raise_on_error=False))
+        for loaded in answers[: len(names)]:
+            if isinstance(loaded, Exception):
+                raise loaded
+        return answers[len(names) :]
 
     def _where(self) -> str:
         if self.cluster:

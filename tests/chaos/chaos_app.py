@@ -54,6 +54,11 @@ if os.environ.get("RT_STORE_SOCKET_TIMEOUT"):
         app, redis_url=STORE, redis_options={"socket_timeout": float(os.environ["RT_STORE_SOCKET_TIMEOUT"])}
     )
 _apply = _ledger.register_script(APPLY)
+# Keep the largest value seen (worker threads and processes report concurrently).
+_record_max = _ledger.register_script(
+    "if tonumber(ARGV[1]) > tonumber(redis.call('GET', KEYS[1]) or '0') then "
+    "redis.call('SET', KEYS[1], ARGV[1]) end"
+)
 
 
 @app.task(
@@ -85,9 +90,7 @@ def _clock_out(task_id: str | None = None, **_: object) -> None:
     """Each execution's whole time in the worker, store round trips included."""
     began = _started.pop(task_id or "", None)
     if began is not None:
-        spent = time.monotonic() - began
-        if spent > float(_ledger.get("exec_max_s") or 0):
-            _ledger.set("exec_max_s", round(spent, 3))
+        _record_max(keys=["exec_max_s"], args=[round(time.monotonic() - began, 3)])
 
 
 def _time_store_calls() -> None:
@@ -101,9 +104,7 @@ def _time_store_calls() -> None:
         try:
             return original(self, ops)  # type: ignore[arg-type]
         finally:
-            spent = time.monotonic() - began
-            if spent > float(_ledger.get("store_call_max_s") or 0):
-                _ledger.set("store_call_max_s", round(spent, 3))
+            _record_max(keys=["store_call_max_s"], args=[round(time.monotonic() - began, 3)])
 
     RedisStore.run = timed  # type: ignore[method-assign, assignment]
 

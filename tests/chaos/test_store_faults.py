@@ -25,10 +25,17 @@ pytestmark = pytest.mark.chaos
 SCALE = float(os.environ.get("RT_CHAOS_SCALE", "1"))
 
 
-def start_workers(env: dict[str, str], tmp_path: Path, count: int = 2) -> list[SubprocessWorker]:
+def start_workers(
+    env: dict[str, str], tmp_path: Path, count: int = 2, *, pool: str = "prefork", concurrency: int = 2
+) -> list[SubprocessWorker]:
     return [
         SubprocessWorker(
-            "tests.chaos.chaos_app", concurrency=2, name=f"f{i}", env=env, log=str(tmp_path / f"f{i}.log")
+            "tests.chaos.chaos_app",
+            pool=pool,
+            concurrency=concurrency,
+            name=f"f{i}",
+            env=env,
+            log=str(tmp_path / f"f{i}.log"),
         ).start()
         for i in range(count)
     ]
@@ -48,7 +55,9 @@ def logs_mention(tmp_path: Path, text: str) -> int:
 def wait_all_applied(ledger: redis.Redis, jobs: int, tmp_path: Path) -> None:
     """Wait for every job; on a timeout, say which are missing and what the workers logged."""
     try:
-        wait_until(lambda: ledger.hlen("applied") >= jobs, timeout=180, interval=0.5, what="all applied")
+        wait_until(
+            lambda: ledger.hlen("applied") >= jobs, timeout=180 * max(1.0, SCALE), interval=0.5, what="all applied"
+        )
     except TimeoutError:
         applied = {k.decode() for k in ledger.hkeys("applied")}
         missing = [f"job-{n}" for n in range(jobs) if f"job-{n}" not in applied]
@@ -147,7 +156,8 @@ def test_jobs_through_a_faulty_network_to_the_store(rt_redis_flushed: RedisServe
         }
         ledger = rt_redis_flushed.client(3)
         producer = Celery("p", broker=env["RT_BROKER_URL"], set_as_current=False)
-        workers = start_workers(env, tmp_path)
+        # Waiting on a slow network is I/O: threads keep the run short at full size.
+        workers = start_workers(env, tmp_path, pool="threads", concurrency=32)
         try:
             proxy.latency(200, 100)
             publisher = threading.Thread(target=publish, args=(producer, jobs, jobs / 10.0), daemon=True)
@@ -178,9 +188,8 @@ def test_jobs_through_a_faulty_network_to_the_store(rt_redis_flushed: RedisServe
         )
         assert len(applied) == jobs, "no job lost"
         assert int(ledger.hlen("stale") or 0) == 0
-        # No worker is stuck on the store: every wait is bounded by the socket timeout, so
-        # even the longest path (reconnect, NOSCRIPT, load, run again: four hops at
-        # 200 +- 100 ms each way) stays within three socket timeouts.
-        assert 0 < stuck <= 3 * timeout
+        # No worker is stuck on the store longer than two socket timeouts: a read waits
+        # one at most, and no NOSCRIPT recovery trip starts after one has passed.
+        assert 0 < stuck <= 2 * timeout
         # A whole execution is a few such calls at 200 +- 100 ms a hop: bounded too.
         assert longest <= 3 * 2 * timeout

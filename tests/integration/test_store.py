@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
+import redis
 
 from resilient_tasks.errors import StoreUnavailable
 from resilient_tasks.store import Op, RedisStore
@@ -145,15 +147,17 @@ def test_a_full_store_refuses_the_claim(rt_redis_flushed: RedisServer) -> None:
 def test_noscript_is_recovered_even_when_flushes_keep_coming(store: RedisStore) -> None:
     """A flush between loading and re-sending is answered by loading again."""
     flushes = {"left": 1}
-    load = store._load
+    load_and_send = store._load_and_send
 
-    def load_then_flush(names: set[str]) -> None:
-        load(names)
+    def undone_by_a_flush(ops: Sequence[Op]) -> list[Any]:
         if flushes["left"]:
             flushes["left"] -= 1
-            store.client.script_flush()  # another SCRIPT FLUSH lands right after our load
+            # another SCRIPT FLUSH lands between our load and our EVALSHA
+            store.client.script_flush()
+            return store._send(ops)
+        return load_and_send(ops)
 
-    store._load = load_then_flush  # type: ignore[method-assign]
+    store._load_and_send = undone_by_a_flush  # type: ignore[method-assign]
     store.client.script_flush()
     key = store.key("idem", "flushy")
     answers = store.run([
@@ -161,3 +165,32 @@ def test_noscript_is_recovered_even_when_flushes_keep_coming(store: RedisStore) 
         Op("claim", (store.key("idem", "flushy2"),), ("b", 1000, 60_000, "", "t", T0, "")),
     ])
     assert [a[0] for a in answers] == [b"claimed", b"claimed"]
+
+
+class _CountingConnection(redis.connection.Connection):
+    sent = 0
+
+    def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        type(self).sent += 1
+        super().send_packed_command(command, check_health)  # type: ignore[no-untyped-call]
+
+
+def test_noscript_costs_one_extra_round_trip_and_warm_up_loads_every_script(
+    rt_redis_flushed: RedisServer,
+) -> None:
+    store = RedisStore(rt_redis_flushed.url(1), connection_class=_CountingConnection)
+    store.client.ping()
+    store.client.script_flush()
+    _CountingConnection.sent = 0
+    ops = [Op("claim", (store.key("idem", f"rt{n}"),), ("a", 1000, 60_000, "", "t", T0, "")) for n in range(2)]
+    assert [a[0] for a in store.run(ops)] == [b"claimed", b"claimed"]
+    assert _CountingConnection.sent == 2, "EVALSHA, then SCRIPT LOAD + EVALSHA in one pipeline"
+
+    store.client.script_flush()
+    store.warm()
+    _CountingConnection.sent = 0
+    assert [a[0] for a in store.run([Op("claim", (store.key("idem", "w"),), ("a", 1000, 60_000, "", "t", T0, ""))])] == [
+        b"claimed"
+    ]
+    assert _CountingConnection.sent == 1, "after warm-up the first call is one round trip"
+    store.close()
