@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 #: How many times a batch's NOSCRIPT answers are loaded and re-sent.
 NOSCRIPT_TRIES = 3
+#: One store call's reads end this many socket timeouts after it started.
+CALL_BUDGET = 1.9
 
 
 def load_scripts() -> dict[str, str]:
@@ -62,6 +64,10 @@ def _lean_connection() -> dict[str, Any]:
 def scripts() -> dict[str, tuple[str, str]]:
     """Every script's source and SHA-1, read when the first store needs them."""
     return {name: (src, hashlib.sha1(src.encode()).hexdigest()) for name, src in load_scripts().items()}
+
+
+def _evalsha_args(op: Op) -> tuple[Any, ...]:
+    return (scripts()[op.script][1], len(op.keys), *op.keys, *op.args)
 
 
 class RedisStore:
@@ -147,15 +153,19 @@ class RedisStore:
         if not ops:
             return []
         started = time.monotonic()
+        timeout = self.socket_timeout
+        # Reads give up at 1.9 timeouts: with connecting and parsing around them, one
+        # call stays within two socket timeouts however the network misbehaves.
+        deadline = started + CALL_BUDGET * timeout if timeout else None
         try:
-            results = self._send(ops)
+            results = self._send(ops, deadline)
             # A flush can land between our load and the re-send: try a few times.
             for _ in range(NOSCRIPT_TRIES):
                 missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
                 if not missing:
                     break
                 self._within_budget(started)
-                again = self._load_and_send([ops[i] for i in missing])
+                again = self._load_and_send([ops[i] for i in missing], deadline)
                 for i, value in zip(missing, again, strict=True):
                     results[i] = value
         except RedisError as exc:
@@ -185,21 +195,45 @@ class RedisStore:
         except (RedisError, StoreUnavailable) as exc:
             log.info("store warm-up skipped (the first task will connect): %s", exc)
 
-    def _send(self, ops: Sequence[Op]) -> list[Any]:
-        if len(ops) == 1:  # one op: no pipeline object to build (a third less client CPU)
-            op = ops[0]
-            try:
-                return [
-                    self.client.execute_command(
-                        "EVALSHA", scripts()[op.script][1], len(op.keys), *op.keys, *op.args
-                    )
-                ]
-            except ResponseError as exc:  # NOSCRIPT, OOM...: answered like a pipeline would
-                return [exc]
-        pipe: Any = self.client.pipeline(transaction=False)
-        for op in ops:
-            pipe.execute_command("EVALSHA", scripts()[op.script][1], len(op.keys), *op.keys, *op.args)
-        return list(pipe.execute(raise_on_error=False))
+    def _send(self, ops: Sequence[Op], deadline: float | None = None) -> list[Any]:
+        if self.cluster:
+            pipe: Any = self.client.pipeline(transaction=False)
+            for op in ops:
+                pipe.execute_command("EVALSHA", *_evalsha_args(op))
+            return list(pipe.execute(raise_on_error=False))
+        return self._round_trip([("EVALSHA", *_evalsha_args(op)) for op in ops], deadline)
+
+    def _round_trip(self, commands: list[tuple[Any, ...]], deadline: float | None) -> list[Any]:
+        """Write every command, read every answer: one round trip on one connection.
+
+        Error answers (NOSCRIPT, OOM) come back in place, as a pipeline would give them.
+        Each read waits the socket timeout at most, and never past ``deadline``."""
+        pool = self.client.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_packed_command(conn.pack_commands(commands))
+            answers: list[Any] = []
+            for _ in commands:
+                try:
+                    answers.append(conn.read_response(**self._read_budget(deadline)))
+                except ResponseError as exc:
+                    answers.append(exc)
+            return answers
+        except BaseException:
+            conn.disconnect()  # half-read: never hand it back with answers pending
+            raise
+        finally:
+            pool.release(conn)
+
+    def _read_budget(self, deadline: float | None) -> dict[str, float]:
+        if deadline is None:
+            return {}
+        left = deadline - time.monotonic()
+        if left <= 0:
+            budget = CALL_BUDGET * (self.socket_timeout or 0)
+            raise redis.TimeoutError(f"no time left for this call ({budget:g}s)")
+        timeout = self.socket_timeout
+        return {"timeout": left} if timeout is None or left < timeout else {}
 
     def _load(self, names: set[str]) -> None:
         if self.cluster:  # SCRIPT LOAD goes to every primary
@@ -211,19 +245,15 @@ class RedisStore:
             pipe.execute_command("SCRIPT", "LOAD", scripts()[name][0])
         pipe.execute()
 
-    def _load_and_send(self, ops: Sequence[Op]) -> list[Any]:
+    def _load_and_send(self, ops: Sequence[Op], deadline: float | None = None) -> list[Any]:
         """Load the ops' scripts and run the ops again: in one round trip on one server
-        (commands of a pipeline run in order, so each load precedes its EVALSHA)."""
+        (a connection's commands run in order, so each load precedes its EVALSHA)."""
         names = sorted({op.script for op in ops})
         if self.cluster:
             self._load(set(names))
             return self._send(ops)
-        pipe: Any = self.client.pipeline(transaction=False)
-        for name in names:
-            pipe.execute_command("SCRIPT", "LOAD", scripts()[name][0])
-        for op in ops:
-            pipe.execute_command("EVALSHA", scripts()[op.script][1], len(op.keys), *op.keys, *op.args)
-        answers = list(pipe.execute(raise_on_error=False))
+        loads: list[tuple[Any, ...]] = [("SCRIPT", "LOAD", scripts()[name][0]) for name in names]
+        answers = self._round_trip(loads + [("EVALSHA", *_evalsha_args(op)) for op in ops], deadline)
         for loaded in answers[: len(names)]:
             if isinstance(loaded, Exception):
                 raise loaded

@@ -149,13 +149,13 @@ def test_noscript_is_recovered_even_when_flushes_keep_coming(store: RedisStore) 
     flushes = {"left": 1}
     load_and_send = store._load_and_send
 
-    def undone_by_a_flush(ops: Sequence[Op]) -> list[Any]:
+    def undone_by_a_flush(ops: Sequence[Op], deadline: float | None = None) -> list[Any]:
         if flushes["left"]:
             flushes["left"] -= 1
             # another SCRIPT FLUSH lands between our load and our EVALSHA
             store.client.script_flush()
             return store._send(ops)
-        return load_and_send(ops)
+        return load_and_send(ops, deadline)
 
     store._load_and_send = undone_by_a_flush  # type: ignore[method-assign]
     store.client.script_flush()
@@ -194,3 +194,23 @@ def test_noscript_costs_one_extra_round_trip_and_warm_up_loads_every_script(
     ]
     assert _CountingConnection.sent == 1, "after warm-up the first call is one round trip"
     store.close()
+
+
+def test_one_call_blocks_at_most_two_socket_timeouts(rt_redis_flushed: RedisServer) -> None:
+    """Slow network, fresh connection, flushed scripts: connect + SELECT + EVALSHA have
+    used up more than one timeout, so the NOSCRIPT recovery trip is not started."""
+    import time
+
+    from resilient_tasks.testing import FaultProxy
+
+    with FaultProxy(rt_redis_flushed.port) as proxy:
+        rt_redis_flushed.client().script_flush()
+        store = RedisStore(f"redis://127.0.0.1:{proxy.port}/1?socket_timeout=1")
+        proxy.latency(300, 0)  # 0.6 s a round trip
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="too slow"):
+            store.run([Op("claim", (store.key("idem", "slow"),), ("a", 1000, 60_000, "", "t", T0, ""))])
+        assert time.monotonic() - started <= 2.0
+        proxy.clear()
+        assert store.run([Op("claim", (store.key("idem", "slow"),), ("a", 1000, 60_000, "", "t", T0, ""))])
+        store.close()
