@@ -78,6 +78,8 @@ class Call:
     fallback_prefetched: bool = False
     lease_s: float | None = None
     epoch_seen: bool = False
+    #: Run right before the body (a claim put off until the breaker has admitted the call).
+    before_body: Callable[[], None] | None = None
     breaker_local: bool = False
     admission: Admission | None = None
     has_result: bool = False

@@ -168,6 +168,9 @@ class ResilientTask(Task):  # type: ignore[misc]
 
 def _body(call: Call) -> Any:
     """The task's own ``run``, timed, its exception noted for the breaker."""
+    hook, call.before_body = call.before_body, None
+    if hook is not None:
+        hook()  # may end the call before the body (a claim that was refused)
     call.body_ran = True
     started = time.monotonic()
     try:

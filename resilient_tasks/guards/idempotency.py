@@ -58,10 +58,28 @@ def lease_seconds(call: Call, policy: IdempotencyPolicy) -> float:
     return task_lease(call.task, call.task.app, policy)
 
 
+class _NotClaimed(BaseException):
+    """A put-off claim was refused: carries the store's answer out through the inner
+    guards, which let it pass (it is no ``Exception``, so no fallback or retry takes it)."""
+
+    def __init__(self, answer: Any) -> None:
+        super().__init__("claim refused")
+        self.answer = answer
+
+
 class IdempotencyGuard:
-    """Claims the key before the body, completes or releases it after."""
+    """Claims the key before the body, completes or releases it after.
+
+    While the task's downstream refuses calls, ``begin`` only looks at the record: the call
+    is most likely refused, replayed or deferred without its body, and then there is no
+    claim to give back (one round trip, not two). If the breaker admits it after all, the
+    claim is taken right before the body."""
 
     def prepare(self, call: Call) -> list[Op]:
+        peek = call.runtime.refusal_hint(call.policy.downstream) is not None
+        return [self._claim_op(call, peek=peek)]
+
+    def _claim_op(self, call: Call, *, peek: bool) -> Op:
         policy = call.policy.idempotency
         assert policy is not None
         run = call.task.run
@@ -85,21 +103,20 @@ class IdempotencyGuard:
         owner = uuid.uuid4().hex
         call.outcome["idempotency_key"] = key
         call.claim = ClaimHandle(key=key, owner=owner, token=0)
-        return [
-            Op(
-                "claim",
-                (key, *call.runtime.epoch_keys()),
-                (
-                    owner,
-                    lease_ms,
-                    int(policy.ttl * 1000),
-                    fp,
-                    call.request.id or "",
-                    call.runtime.now_ms(),
-                    previous_owner,
-                ),
-            )
-        ]
+        return Op(
+            "claim",
+            (key, *call.runtime.epoch_keys()),
+            (
+                owner,
+                lease_ms,
+                int(policy.ttl * 1000),
+                fp,
+                call.request.id or "",
+                call.runtime.now_ms(),
+                previous_owner,
+                "1" if peek else "",
+            ),
+        )
 
     def abandon(self, call: Call) -> list[Op]:
         """Never entered after claiming (an earlier guard stopped the call): give it back."""
@@ -113,23 +130,54 @@ class IdempotencyGuard:
         assert policy is not None
         try:
             (answer,) = call.begin(self)
-            verdict = _text(answer[0])
-            if verdict in ("no_epoch", "amnesia"):
-                answer = self._epoch(call, answer)
-                verdict = _text(answer[0])
+            answer = self._settle_epoch(call, answer)
         except StoreUnavailable as exc:
-            # Also while settling the epoch: a fleet's first claims may meet a store that
-            # stops answering halfway, and that must defer the job, never fail it.
-            call.claim = None
-            if policy.on_store_error == "fail_open":
-                call.outcome["idempotency"] = "unguarded"
-                log.warning("idempotency store unavailable; running unguarded (fail_open): %s", exc)
+            if self._unguarded(call, policy, exc):
                 return next(call)
-            call.outcome["idempotency"] = "store_unavailable"
-            defer(call, random.uniform(1.0, 5.0), f"idempotency store unavailable: {exc}", exc)
+        if _text(answer[0]) == "free":
+            return self._claim_before_body(call, policy, next)
+        if _text(answer[0]) == "claimed":
+            self._claimed(call, policy, int(answer[1]))
+            return self._run(call, policy, next)
+        return self._not_claimed(call, policy, answer)
+
+    def _settle_epoch(self, call: Call, answer: Any) -> Any:
+        if _text(answer[0]) in ("no_epoch", "amnesia"):
+            answer = self._epoch(call, answer)
         call.runtime.epoch_seen = True
-        if verdict == "claimed":
-            return self._run(call, policy, int(answer[1]), next)
+        return answer
+
+    def _unguarded(self, call: Call, policy: IdempotencyPolicy, exc: StoreUnavailable) -> bool:
+        """The store failed: run without a claim (``fail_open``) or defer the job."""
+        call.claim = None
+        if policy.on_store_error == "fail_open":
+            call.outcome["idempotency"] = "unguarded"
+            log.warning("idempotency store unavailable; running unguarded (fail_open): %s", exc)
+            return True
+        call.outcome["idempotency"] = "store_unavailable"
+        defer(call, random.uniform(1.0, 5.0), f"idempotency store unavailable: {exc}", exc)
+
+    def _claim_before_body(self, call: Call, policy: IdempotencyPolicy, next: Next) -> Any:
+        def claim_now() -> None:
+            try:
+                (answer,) = call.runtime.store.run([self._claim_op(call, peek=False)])
+                answer = self._settle_epoch(call, answer)
+            except StoreUnavailable as exc:
+                if self._unguarded(call, policy, exc):
+                    return
+            if _text(answer[0]) != "claimed":
+                raise _NotClaimed(answer)
+            self._claimed(call, policy, int(answer[1]))
+
+        call.before_body = claim_now
+        try:
+            return self._run(call, policy, next)
+        except _NotClaimed as refused:
+            return self._not_claimed(call, policy, refused.answer)
+
+    def _not_claimed(self, call: Call, policy: IdempotencyPolicy, answer: Any) -> Any:
+        """Someone else's record: replay it, refuse a conflict, or defer behind it."""
+        verdict = _text(answer[0])
         claim, call.claim = call.claim, None
         if verdict == "done":
             call.outcome["idempotency"] = "replayed"
@@ -159,7 +207,7 @@ class IdempotencyGuard:
             _, window = runtime.reset_epoch(seen_before=seen)
             if not seen:  # a fresh fleet: nothing can be in flight, claim again
                 runtime.epoch_seen = True
-                (again,) = runtime.store.run(self.prepare(call))
+                (again,) = runtime.store.run([self._claim_op(call, peek=False)])
                 if _text(again[0]) not in ("no_epoch", "amnesia"):
                     return again
             answer = [b"amnesia", 0, window or int(runtime.longest_lease() * 1000)]
@@ -173,33 +221,45 @@ class IdempotencyGuard:
         )
         defer(call, remaining + random.uniform(0.0, 1.0), "idempotency store lost its data")
 
-    def _run(self, call: Call, policy: IdempotencyPolicy, token: int, next: Next) -> Any:
+    def _claimed(self, call: Call, policy: IdempotencyPolicy, token: int) -> None:
         claim = call.claim
         assert claim is not None
         claim.token = token
         call.outcome["idempotency"] = "claimed"
         call.outcome["token"] = token
         lease_ms = int((call.lease_s or lease_seconds(call, policy)) * 1000)
+        call.runtime.heartbeat.track(claim, lease_ms, int(policy.ttl * 1000))
+
+    def _run(self, call: Call, policy: IdempotencyPolicy, next: Next) -> Any:
+        """Run the rest under the claim (taken already, or right before the body), then
+        complete it with the result or give it back."""
         ttl_ms = int(policy.ttl * 1000)
-        heartbeat = call.runtime.heartbeat
-        heartbeat.track(claim, lease_ms, ttl_ms)
         try:
             result = next(call)
         except BaseException:
-            heartbeat.untrack(claim)
-            call.at_end(Op("release", (claim.key,), (claim.owner, token, ttl_ms)))
+            claim = call.claim
+            if claim is not None and claim.token:
+                call.runtime.heartbeat.untrack(claim)
+                call.at_end(Op("release", (claim.key,), (claim.owner, claim.token, ttl_ms)))
             raise
-        heartbeat.untrack(claim)
+        claim = call.claim
+        if claim is None or not claim.token:
+            # Answered without the body (a refused call served from the fallback, a cached
+            # negative answer): there was no claim, and the job is not done.
+            call.claim = None
+            call.outcome.setdefault("idempotency", "not_claimed")
+            return result
+        call.runtime.heartbeat.untrack(claim)
         if call.outcome.get("fallback_source") in ("cache", "function", "default"):
             # A degraded answer is not the job done: free the key for a fresh run later.
-            call.at_end(Op("release", (claim.key,), (claim.owner, token, ttl_ms)))
+            call.at_end(Op("release", (claim.key,), (claim.owner, claim.token, ttl_ms)))
             return result
         payload = _encode(result, call.runtime.max_result_bytes)
         if payload is None:
             call.outcome["idempotency_result"] = "not_stored"
             payload = "null"
         call.at_end(
-            Op("complete", (claim.key,), (claim.owner, token, payload, ttl_ms, call.runtime.now_ms())),
+            Op("complete", (claim.key,), (claim.owner, claim.token, payload, ttl_ms, call.runtime.now_ms())),
             lambda answer: _completed(call, claim, answer),
         )
         return result

@@ -201,3 +201,57 @@ def test_a_cached_failure_keeps_serving_the_last_good_value(app: Celery) -> None
     for value, info in (first, second):
         assert info is not None and info.source == "cache" and value == {"sku": "abc", "price": 3}
     assert prices.calls["abc"] == calls_after_first, "the remembered failure skipped the downstream"
+
+
+def test_all_guards_with_the_breaker_open_serve_the_fallback_in_one_round_trip(app: Celery) -> None:
+    """Idempotency too: while the downstream refuses, ``begin`` only looks at the record,
+    so a refused call has no claim to give back; a call the breaker admits after all
+    claims right before its body."""
+    prices = Prices()
+
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+        downstream="pricing",
+        idempotency=rt.IdempotencyPolicy(key=("request",)),
+        breaker=rt.BreakerPolicy(min_calls=1000, when_open="fallback"),
+        fallback=rt.FallbackPolicy(key=("sku",), ttl=120, floor=30),
+    ))
+    def price(self: rt.ResilientTask, sku: str, request: str) -> object:
+        return {**prices.get(sku), "token": self.idempotency.token}
+
+    runtime = rt.runtime_for(app)
+    trips: list[list[str]] = []
+    original = runtime.store.run
+
+    def counted(ops: object) -> object:
+        trips.append([op.script for op in ops])  # type: ignore[attr-defined]
+        return original(ops)  # type: ignore[arg-type]
+
+    with in_process_worker(app, concurrency=1):
+        assert price.delay("abc", "r1").get(timeout=20) == {"sku": "abc", "price": 3, "token": 1}
+        rt.set_switch(app, "pricing", "forced_open")
+        runtime.store.run = counted  # type: ignore[method-assign]
+        try:
+            price.delay("abc", "r2").get(timeout=20)  # learns that the downstream refuses
+            first = len(trips)
+            refused = [rt.unwrap(price.delay("abc", f"r{n}").get(timeout=20)) for n in range(3, 6)]
+            refused_trips = trips[first:]
+            del trips[:]
+            replayed = price.delay("abc", "r1").get(timeout=20)
+            replay_trips = list(trips)
+            rt.set_switch(app, "pricing", "normal")  # admitted while still believed refusing
+            del trips[:]
+            fresh = price.delay("abc", "r6").get(timeout=20)
+            admitted_trips = list(trips)
+        finally:
+            runtime.store.run = original  # type: ignore[method-assign]
+        again = price.delay("abc", "r6").get(timeout=20)
+    for value, info in refused:
+        assert info is not None and info.source == "cache" and value["price"] == 3
+    assert refused_trips == [["claim", "admit", "cache_serve"]] * 3, "one round trip per refused call"
+    assert replayed == {"sku": "abc", "price": 3, "token": 1}, "a finished job still replays its result"
+    assert replay_trips == [["claim", "admit", "cache_serve"]]
+    assert prices.calls["abc"] == 2, "only r1 and r6 reached the downstream"
+    assert fresh == again and fresh["price"] == 3 and fresh["token"] >= 1
+    assert [sorted(t) for t in admitted_trips] == [
+        ["admit", "cache_serve", "claim"], ["claim"], ["cache_put", "complete", "record"]
+    ], "look, claim before the body, then the usual end"

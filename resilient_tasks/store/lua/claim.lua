@@ -2,8 +2,9 @@
 -- KEYS[1] record hash; optional KEYS[2] epoch key, KEYS[3] amnesia marker (single-node
 -- Redis only: they guard against a restart that lost every in-flight record)
 -- ARGV: owner, lease_ms, ttl_ms, fingerprint ('' = none), task_id, now_ms (0 = server TIME),
---       handoff ('' or the owner id of the execution this retry continues)
--- Returns {'claimed', token} | {'done', token, result, done_at_ms, now_ms}
+--       handoff ('' or the owner id of the execution this retry continues),
+--       peek ('1': look only, answer {'free', token} instead of taking the record)
+-- Returns {'claimed', token} | {'free', token} | {'done', token, result, done_at_ms, now_ms}
 --       | {'in_flight', token, remaining_ms} | {'conflict', token}
 --       | {'amnesia', 0, remaining_ms} | {'no_epoch', 0}
 local key = KEYS[1]
@@ -37,6 +38,9 @@ if state == 'done' or state == 'in_flight' then
   end
 end
 -- absent, released, an in-flight claim whose lease expired, or our own retry: take it.
+if ARGV[8] == '1' then
+  return {'free', token}
+end
 token = redis.call('HINCRBY', key, 'token', 1)
 redis.call('HSET', key, 'state', 'in_flight', 'owner', ARGV[1], 'fp', mine,
            'lease_until', now + tonumber(ARGV[2]), 'task_id', ARGV[5], 'claimed_at', now)
