@@ -73,11 +73,16 @@ def wait_all_applied(ledger: redis.Redis, jobs: int, tmp_path: Path) -> None:
         ) from None
 
 
+#: A store with AOF (every write fsynced) keeps its ``done`` records through a SIGKILL.
+PERSISTENCE = {"none": (), "aof": ("--appendonly", "yes", "--appendfsync", "always")}
+
+
+@pytest.mark.parametrize("persistence", sorted(PERSISTENCE))
 def test_store_killed_and_restarted_five_times_and_scripts_flushed(
-    rt_redis_flushed: RedisServer, tmp_path: Path
+    rt_redis_flushed: RedisServer, tmp_path: Path, persistence: str
 ) -> None:
     jobs = int(300 * SCALE)
-    with RedisServer() as store:
+    with RedisServer(args=PERSISTENCE[persistence]) as store:
         env = {
             "RT_BROKER_URL": rt_redis_flushed.url(0),
             "RESILIENT_TASKS_REDIS_URL": store.url(0) + "?socket_timeout=1",
@@ -130,9 +135,10 @@ def test_store_killed_and_restarted_five_times_and_scripts_flushed(
         calls = sum(int(v) for v in ledger.hgetall("calls").values())
         noscript = logs_mention(tmp_path, "NOSCRIPT") + logs_mention(tmp_path, "NoScriptError")
         print(
-            f"\nstore restarts: jobs={jobs} published={2 * jobs} restarts={restarts} "
+            f"\nstore restarts ({persistence}): jobs={jobs} published={2 * jobs} restarts={restarts} "
             f"applied={len(applied)} downstream_calls={calls} extra_calls={calls - jobs} "
-            f"resume_after_restart_s={[round(r, 1) for r in resumed]} noscript_in_tasks={noscript}"
+            f"resume_after_restart_s={[round(r, 1) for r in resumed]} noscript_in_tasks={noscript} "
+            f"amnesia_logged={logs_mention(tmp_path, 'the store lost its data')}"
         )
         assert len(applied) == jobs, "no job lost"
         assert set(applied) == {f"job-{n}".encode() for n in range(jobs)}
