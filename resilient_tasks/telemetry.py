@@ -173,12 +173,15 @@ def attributes(call: Call) -> dict[str, Any]:
     return attrs
 
 
-def _span(call: Call, attrs: dict[str, Any]) -> None:
+def _recording_span() -> Any:
+    """The current span when OpenTelemetry records one, else None."""
     if otel_trace is None:
-        return
+        return None
     span = otel_trace.get_current_span()
-    if not span.is_recording():
-        return
+    return span if span.is_recording() else None
+
+
+def _span(call: Call, span: Any, attrs: dict[str, Any]) -> None:
     span.set_attributes(attrs)
     for name, state in call.outcome.get("breaker_transitions", ()):
         span.add_event(
@@ -248,8 +251,13 @@ def report(call: Call, error: BaseException | None) -> None:
     """Tell every channel what this call did. Never raises."""
     try:
         outcomes = classify(call, error)
-        attrs = attributes(call)
-        _span(call, attrs)
+        span = _recording_span()
+        evented = any(outcome in EVENTS for outcome in outcomes)
+        # Attributes only for a span that records or an event to send: most calls have
+        # neither, and building them is most of this function's cost.
+        attrs = attributes(call) if span is not None or evented else {}
+        if span is not None:
+            _span(call, span, attrs)
         runtime = call.runtime
         name = call.task.name
         downstream = str(call.policy.downstream or call.outcome.get("breaker_rejected") or "")
@@ -271,7 +279,8 @@ def report(call: Call, error: BaseException | None) -> None:
         if age is not None:
             for sink in runtime.sinks:
                 sink.fallback_age(name, downstream, float(age))
-        _events(call, outcomes, attrs)
+        if evented:
+            _events(call, outcomes, attrs)
     except Exception as exc:  # pragma: no cover - telemetry must never fail a task
         log.warning("telemetry failed: %s", exc)
 
