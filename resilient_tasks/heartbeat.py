@@ -3,6 +3,10 @@
 A claim's lease is renewed every ``lease / 3`` while the body runs, all due claims in one
 round trip. A renewal that finds the claim gone marks it ``lost`` so the body can stop
 before a side effect (``self.idempotency.check()``) and its completion is refused anyway.
+
+The same thread delivers completions the ``end`` trip could not (the store was down when
+a body finished): tried again until the lease ends, so a duplicate arriving after the
+store is back replays the result instead of running the body a second time.
 """
 
 from __future__ import annotations
@@ -31,12 +35,24 @@ class _Lease:
     due: float
 
 
+@dataclass
+class _Pending:
+    ops: list[Op]
+    until: float
+    due: float
+
+
+#: How often an undelivered completion is tried again.
+REDELIVER_EVERY_S = 0.25
+
+
 class Heartbeat:
     """Renews the leases of the claims this process holds."""
 
     def __init__(self, store: Callable[[], Store]) -> None:
         self._store = store
         self._leases: dict[int, _Lease] = {}
+        self._pending: list[_Pending] = []
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._pid = -1
@@ -52,6 +68,22 @@ class Heartbeat:
         if wake:  # most claims end long before their first renewal: no thread hand-off
             self._wake.set()
 
+    def hand_over(self, ops: list[Op], within_s: float) -> None:
+        """Deliver ``ops`` (owner-checked writes: a late or repeated one is harmless) in
+        the background, trying every 0.25 s for ``within_s`` seconds."""
+        self._ensure_thread()
+        now = time.monotonic()
+        with self._lock:
+            self._pending.append(_Pending(list(ops), now + within_s, now + REDELIVER_EVERY_S))
+            wake = now + REDELIVER_EVERY_S < self._planned_wake
+        if wake:
+            self._wake.set()
+
+    def pending(self) -> int:
+        """Writes still waiting for the store."""
+        with self._lock:
+            return len(self._pending)
+
     def untrack(self, claim: ClaimHandle) -> None:
         with self._lock:
             self._leases.pop(id(claim), None)
@@ -64,6 +96,7 @@ class Heartbeat:
                 return  # another thread started it meanwhile
             if self._pid != os.getpid():  # forked: the parent's leases are not ours
                 self._leases.clear()
+                self._pending.clear()
             self._pid = os.getpid()
             self._thread = threading.Thread(target=self._loop, name="rt-heartbeat", daemon=True)
             self._thread.start()
@@ -73,16 +106,42 @@ class Heartbeat:
             with self._lock:
                 now = time.monotonic()
                 due = [lease for lease in self._leases.values() if lease.due <= now]
-                upcoming = min((lease.due for lease in self._leases.values()), default=now + 1.0)
+                late = [p for p in self._pending if p.due <= now]
+                upcoming = min(
+                    [lease.due for lease in self._leases.values()] + [p.due for p in self._pending],
+                    default=now + 1.0,
+                )
                 # set with the same look at the leases: a track() after this sees it
-                self._planned_wake = 0.0 if due else upcoming
+                self._planned_wake = 0.0 if due or late else upcoming
             if due:
                 self._renew(due)
+            if late:
+                self._deliver(late)
+            if due or late:
                 continue
             self._wake.wait(timeout=max(0.01, upcoming - time.monotonic()))
             self._wake.clear()
             with self._lock:
                 self._planned_wake = 0.0
+
+    def _deliver(self, pending: list[_Pending]) -> None:
+        ops = [op for p in pending for op in p.ops]
+        now = time.monotonic()
+        try:
+            self._store().run(ops)
+        except StoreUnavailable as exc:
+            with self._lock:
+                for p in pending:
+                    if now >= p.until:
+                        self._pending.remove(p)
+                        log.error("gave up delivering %d completion writes: %s", len(p.ops), exc)
+                    else:
+                        p.due = now + REDELIVER_EVERY_S
+            return
+        with self._lock:
+            for p in pending:
+                self._pending.remove(p)
+        log.warning("delivered %d completion writes late, after the store came back", len(ops))
 
     def _renew(self, leases: list[_Lease]) -> None:
         ops = [

@@ -23,7 +23,7 @@ from .guards import run_chain
 from .guards.breaker import BreakerGuard, downstream_call
 from .guards.deadline import deadline_guard
 from .guards.fallback import _GUARD as FALLBACK_GUARD
-from .guards.idempotency import IdempotencyGuard
+from .guards.idempotency import DEFAULT_LEASE, DURABLE_SCRIPTS, IdempotencyGuard
 from .guards.retry import retry_guard
 from .policy import TaskPolicy
 from .runtime import check_visibility_timeout, parse_expires, runtime_for
@@ -222,9 +222,18 @@ def _finish(call: Call, *, failed: bool) -> None:
             break
         except StoreUnavailable as exc:
             if pause is None or time.monotonic() - started + pause > budget:
-                log.error("could not record the outcome (%s ops) in the store: %s", len(ops), exc)
+                durable = [op for op in ops if op.script in DURABLE_SCRIPTS]
+                log.error(
+                    "could not record the outcome (%s ops) in the store: %s; %s handed to the "
+                    "background until the lease ends",
+                    len(ops),
+                    exc,
+                    len(durable),
+                )
                 call.outcome["end"] = "store_unavailable"
                 call.runtime.count("end_lost")
+                if durable:
+                    call.runtime.heartbeat.hand_over(durable, call.lease_s or DEFAULT_LEASE)
                 break
             time.sleep(pause)
     call.outcome["end_ms"] = (time.monotonic() - started) * 1000

@@ -29,7 +29,7 @@ from ..schedule import defer
 from ..store.base import Op
 from . import Next
 
-__all__ = ["IdempotencyGuard", "lease_seconds", "record_key"]
+__all__ = ["DEFAULT_LEASE", "DURABLE_SCRIPTS", "IdempotencyGuard", "lease_seconds", "record_key"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ dumps = cast(Callable[[Any], str], kombu_json.dumps)
 loads = cast(Callable[[str], Any], kombu_json.loads)
 
 DEFAULT_LEASE = 60.0
+#: End-trip writes worth delivering late when the store was down (owner- and
+#: token-checked: a late or repeated one cannot undo a newer claim).
+DURABLE_SCRIPTS = frozenset({"complete", "release"})
 
 
 def record_key(call: Call, material: str) -> str:

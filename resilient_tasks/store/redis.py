@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 #: How many times a batch's NOSCRIPT answers are loaded and re-sent.
 NOSCRIPT_TRIES = 3
 #: One store call's reads end this many socket timeouts after it started.
-CALL_BUDGET = 1.9
+CALL_BUDGET = 1.75
 
 
 def load_scripts() -> dict[str, str]:
@@ -193,7 +193,7 @@ class RedisStore:
             return []
         started = time.monotonic()
         timeout = self.socket_timeout
-        # Reads give up at 1.9 timeouts: with connecting and parsing around them, one
+        # Reads give up at 1.75 timeouts: with connecting and parsing around them, one
         # call stays within two socket timeouts however the network misbehaves.
         deadline = started + CALL_BUDGET * timeout if timeout else None
         try:

@@ -163,7 +163,7 @@ def test_jobs_through_a_faulty_network_to_the_store(rt_redis_flushed: RedisServe
         ledger = rt_redis_flushed.client(3)
         producer = Celery("p", broker=env["RT_BROKER_URL"], set_as_current=False)
         # Waiting on a slow network is I/O: threads keep the run short at full size.
-        workers = start_workers(env, tmp_path, pool="threads", concurrency=32)
+        workers = start_workers(env, tmp_path, pool="threads", concurrency=32 if SCALE > 1 else 16)
         try:
             proxy.latency(200, 100)
             publisher = threading.Thread(target=publish, args=(producer, jobs, jobs / 10.0), daemon=True)

@@ -323,3 +323,35 @@ def test_a_store_that_stops_answering_while_the_epoch_settles_defers_the_job(
     assert silenced, "the fault was injected"
     assert runs == [5]
     assert rt.runtime_for(app).counters[("store_amnesia", "")] == 0
+
+
+def test_a_completion_the_store_missed_is_delivered_when_it_is_back(
+    app_factory: Callable[..., Celery], rt_redis_flushed: object
+) -> None:
+    """The store goes silent as the body finishes: the ``end`` trip fails, the worker
+    keeps the completion and delivers it once the store answers, within the lease, so the
+    next duplicate replays the result instead of running the body again."""
+    from resilient_tasks.testing import FaultProxy
+
+    runs: list[int] = []
+    with FaultProxy(rt_redis_flushed.port) as proxy:  # type: ignore[attr-defined]
+        app = app_factory()
+        rt.install(app, redis_url=f"redis://127.0.0.1:{proxy.port}/1?socket_timeout=0.5")
+
+        @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+            idempotency=rt.IdempotencyPolicy(key=("n",), lease=10),
+        ))
+        def pay(self: rt.ResilientTask, n: int) -> dict[str, int]:
+            runs.append(n)
+            if len(runs) == 1:
+                proxy.blackhole(1.5)  # the side effect happened; now the store is gone
+            return {"paid": n, "token": self.idempotency.token}
+
+        runtime = rt.runtime_for(app)
+        with in_process_worker(app, concurrency=1):
+            first = pay.delay(7).get(timeout=30)
+            assert runtime.counters[("end_lost", "")] == 1, "the end trip did fail"
+            wait_until(lambda: runtime.heartbeat.pending() == 0, timeout=10, what="late delivery")
+            again = pay.delay(7).get(timeout=30)
+    assert first == again == {"paid": 7, "token": 1}
+    assert runs == [7], "the duplicate replayed the late completion"
