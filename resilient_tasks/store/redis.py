@@ -12,6 +12,8 @@ import functools
 import hashlib
 import inspect
 import logging
+import os
+import threading
 import time
 from collections.abc import Sequence
 from importlib import resources
@@ -31,8 +33,10 @@ log = logging.getLogger(__name__)
 
 #: How many times a batch's NOSCRIPT answers are loaded and re-sent.
 NOSCRIPT_TRIES = 3
+#: A thread's connection idle longer than this is checked for a close before use.
+IDLE_CHECK_S = 0.25
 #: One store call's reads end this many socket timeouts after it started.
-CALL_BUDGET = 1.75
+CALL_BUDGET = 1.5
 
 
 def load_scripts() -> dict[str, str]:
@@ -92,8 +96,11 @@ def _bulk(value: Any) -> bytes:
     return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
-def _command(args: Sequence[Any]) -> list[bytes]:
-    return [b"*%d\r\n" % len(args), *map(_bulk, args)]
+def _pack_loads(names: Sequence[str]) -> bytes:
+    """RESP for ``SCRIPT LOAD`` of each named script."""
+    return b"".join(
+        b"*3\r\n" + _bulk("SCRIPT") + _bulk("LOAD") + _bulk(scripts()[name][0]) for name in names
+    )
 
 
 def pack_evalsha(ops: Sequence[Op]) -> bytes:
@@ -135,6 +142,10 @@ class RedisStore:
             for name, value in _lean_connection().items():
                 options.setdefault(name, value)
         self.cluster = cluster
+        self._local = threading.local()
+        self._made: list[Any] = []
+        self._spare: list[tuple[Any, int]] = []  # warmed up, not yet any thread's
+        self._made_lock = threading.Lock()
         if client is not None:
             self.client: Any = client
         elif cluster:
@@ -193,8 +204,9 @@ class RedisStore:
             return []
         started = time.monotonic()
         timeout = self.socket_timeout
-        # Reads give up at 1.75 timeouts: with connecting and parsing around them, one
-        # call stays within two socket timeouts however the network misbehaves.
+        # Reads give up 1.5 timeouts after the call began: a new connection's SELECT may
+        # already have waited most of one, and the rest is margin for a busy interpreter,
+        # so one call stays within two socket timeouts however the network misbehaves.
         deadline = started + CALL_BUDGET * timeout if timeout else None
         try:
             results = self._send(ops, deadline)
@@ -228,11 +240,25 @@ class RedisStore:
     def warm(self) -> None:
         """Open a connection and load every script, off a task's path (worker start), so
         the first task's round trip is one round trip."""
+        if self.cluster:
+            try:
+                self._load(set(scripts()))
+            except RedisError as exc:
+                log.info("store warm-up skipped (the first task will load them): %s", exc)
+            return
+        conn = self.client.connection_pool.make_connection()
         try:
-            self.ping()
-            self._load(set(scripts()))
-        except (RedisError, StoreUnavailable) as exc:
+            names = sorted(scripts())
+            conn.send_packed_command([_pack_loads(names)])
+            for _ in names:
+                conn.read_response()
+        except (RedisError, OSError) as exc:
+            conn.disconnect()
             log.info("store warm-up skipped (the first task will connect): %s", exc)
+            return
+        with self._made_lock:  # connected: the first thread that needs one takes it
+            self._made.append(conn)
+            self._spare.append((conn, os.getpid()))
 
     def _send(self, ops: Sequence[Op], deadline: float | None = None) -> list[Any]:
         if self.cluster:
@@ -247,8 +273,7 @@ class RedisStore:
 
         Error answers (NOSCRIPT, OOM) come back in place, as a pipeline would give them.
         Each read waits the socket timeout at most, and never past ``deadline``."""
-        pool = self.client.connection_pool
-        conn = pool.get_connection()
+        conn = self._connection()
         try:
             conn.send_packed_command(payload)
             answers: list[Any] = []
@@ -257,12 +282,38 @@ class RedisStore:
                     answers.append(conn.read_response(**self._read_budget(deadline)))
                 except ResponseError as exc:
                     answers.append(exc)
+            self._local.used = time.monotonic()
             return answers
         except BaseException:
-            conn.disconnect()  # half-read: never hand it back with answers pending
+            conn.disconnect()  # half-read: the next call starts on a fresh connection
+            self._local.used = 0.0  # disconnected: nothing to check before the next use
             raise
-        finally:
-            pool.release(conn)
+
+    def _connection(self) -> Any:
+        """This thread's own connection: no pool lock to contend for, no bookkeeping per
+        call. One that sat idle is checked first (a restarted server closed it)."""
+        local = self._local
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():
+            pid = os.getpid()
+            with self._made_lock:
+                spare = [c for c, owner in self._spare if owner == pid]
+                self._spare.clear()
+                if spare:
+                    conn = spare[0]
+                else:
+                    conn = self.client.connection_pool.make_connection()
+                    self._made.append(conn)
+            # ``used`` is 0 while not connected (the first send connects it)
+            local.conn, local.pid, local.used = conn, pid, time.monotonic() if spare else 0.0
+        elif local.used and time.monotonic() - local.used > IDLE_CHECK_S:
+            # (never on a disconnected one: can_read() would connect it, a trip of its own)
+            try:
+                if conn.can_read():  # EOF (or stray bytes): start clean
+                    conn.disconnect()
+            except (RedisError, OSError):
+                conn.disconnect()
+        return conn
 
     def _read_budget(self, deadline: float | None) -> dict[str, float]:
         if deadline is None:
@@ -292,7 +343,7 @@ class RedisStore:
             self._load(set(names))
             return self._send(ops)
         payload = [
-            b"".join(part for name in names for part in _command(("SCRIPT", "LOAD", scripts()[name][0]))),
+            _pack_loads(names),
             pack_evalsha(ops),
         ]
         answers = self._round_trip(payload, len(names) + len(ops), deadline)
@@ -308,4 +359,8 @@ class RedisStore:
         return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
     def close(self) -> None:
+        with self._made_lock:
+            made, self._made = self._made, []
+        for conn in made:
+            conn.disconnect()
         self.client.close()
