@@ -327,10 +327,10 @@ def instrument_store() -> Iterator[None]:
     """Count ``RedisStore`` pipelines and ops; the workers are threads of this process."""
     send, load = RedisStore._send, RedisStore._load
 
-    def counted_send(self: RedisStore, ops: Sequence[Op]) -> list[Any]:
+    def counted_send(self: RedisStore, ops: Sequence[Op], *rest: Any) -> list[Any]:
         COUNTERS.add("pipelines")
         COUNTERS.add("ops", len(ops))
-        return send(self, ops)
+        return send(self, ops, *rest)
 
     def counted_load(self: RedisStore, names: set[str]) -> None:
         COUNTERS.add("pipelines")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -301,8 +302,14 @@ class OTelMetrics:
     def __init__(self, meter_provider: Any = None) -> None:
         assert otel_metrics is not None
         meter = otel_metrics.get_meter("resilient_tasks", meter_provider=meter_provider)
-        self._outcomes = meter.create_counter(
-            "resilience.outcomes", unit="{call}", description="task calls by resilience outcome"
+        # Tallied here and read by the SDK when it collects: nothing of OTel's runs per call.
+        self._tally: dict[tuple[str, str, str], int] = {}
+        self._tally_lock = threading.Lock()
+        meter.create_observable_counter(
+            "resilience.outcomes",
+            callbacks=[self._observe_outcomes],
+            unit="{call}",
+            description="task calls by resilience outcome",
         )
         self._ages = meter.create_histogram(
             "resilience.fallback.age", unit="s", description="age of fallback values served"
@@ -319,8 +326,20 @@ class OTelMetrics:
 
         return [Observation(code, {"downstream": name}) for name, code in self._states.items()]
 
+    def _observe_outcomes(self, options: Any) -> Any:
+        from opentelemetry.metrics import Observation
+
+        with self._tally_lock:
+            tally = list(self._tally.items())
+        return [
+            Observation(count, {"outcome": outcome, "task": task, "downstream": downstream})
+            for (outcome, task, downstream), count in tally
+        ]
+
     def outcome(self, outcome: str, task: str, downstream: str) -> None:
-        self._outcomes.add(1, {"outcome": outcome, "task": task, "downstream": downstream})
+        key = (outcome, task, downstream)
+        with self._tally_lock:
+            self._tally[key] = self._tally.get(key, 0) + 1
 
     def breaker_state(self, downstream: str, state: str) -> None:
         self._states[downstream] = STATE_CODES.get(state, -1)
