@@ -15,7 +15,7 @@ from typing import Any
 
 from .keys import digest
 from .policy import BreakerPolicy, RetryBudget
-from .store.base import Op, Store
+from .store.base import Op, Store, as_text
 
 __all__ = [
     "Admission",
@@ -106,10 +106,6 @@ def spend_retry_op(
     )
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 @dataclass(frozen=True)
 class Admission:
     """The breaker's answer before a call."""
@@ -131,11 +127,11 @@ class Admission:
 
 def parse_admission(answer: list[Any]) -> Admission:
     return Admission(
-        verdict=_text(answer[0]),
-        state=_text(answer[1]),
+        verdict=as_text(answer[0]),
+        state=as_text(answer[1]),
         retry_after=int(answer[2]) / 1000.0,
         consecutive_failures=int(answer[3]),
-        switch=_text(answer[4]) if len(answer) > 4 else "normal",
+        switch=as_text(answer[4]) if len(answer) > 4 else "normal",
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from .breaker import BREAKER_TTL_MS, breaker_key
 from .errors import PolicyError
 from .runtime import Runtime, runtime_for
-from .store.base import Op
+from .store.base import Op, as_text
 
 __all__ = ["ACTIONS", "MODES", "breakers", "close_breaker", "reset_breaker", "set_switch"]
 
@@ -36,7 +36,7 @@ def _apply(target: Any, downstream: str, mode: str, source: str) -> tuple[str, b
     store = runtime.store
     args = (mode, downstream, runtime.now_ms(), BREAKER_TTL_MS, source)
     (answer,) = store.run([Op("set_switch", (breaker_key(store, downstream),), args)])
-    previous = answer[0].decode() if isinstance(answer[0], bytes) else str(answer[0])
+    previous = as_text(answer[0])
     return previous, bool(int(answer[1]))
 
 

@@ -21,7 +21,7 @@ from ..call import DEFERRALS_HEADER, Call
 from ..errors import CircuitOpen, StoreUnavailable
 from ..policy import BreakerPolicy, matches
 from ..schedule import defer
-from ..store.base import Op
+from ..store.base import Op, as_text
 from . import PASS_THROUGH, Next
 from .fallback import serve_fallback
 
@@ -250,7 +250,7 @@ def _admission(answers: list[Any]) -> Admission:
 
 
 def _recorded(call: Call, name: str, answer: Any) -> None:
-    state = answer[0].decode() if isinstance(answer[0], bytes) else str(answer[0])
+    state = as_text(answer[0])
     if int(answer[1]):
         call.outcome.setdefault("breaker_transitions", []).append((name, state))
         if name == call.policy.downstream:

@@ -18,7 +18,7 @@ from ..fallback import NotFound, degraded, entry_ttl
 from ..keys import digest, key_material
 from ..policy import DEFAULT_RETRY_ON, NO_DEFAULT, FallbackPolicy, matches
 from ..sealing import seal, unseal
-from ..store.base import Op
+from ..store.base import Op, as_text
 from . import PASS_THROUGH, Next
 
 __all__ = ["FallbackGuard", "serve_fallback"]
@@ -82,7 +82,7 @@ def serve_fallback(call: Call, exc: BaseException) -> Any:
 
 def _opened(call: Call, raw: Any) -> str | None:
     """A stored value's JSON text, or None (logged, counted) when its seal is wrong."""
-    stored = raw.decode() if isinstance(raw, bytes) else str(raw)
+    stored = as_text(raw)
     text = unseal(call.runtime.hmac_key, _key(call), stored)
     if text is None:
         call.runtime.count("fallback_tampered", call.policy.downstream or "")
@@ -143,7 +143,7 @@ class FallbackGuard:
             peek = []  # a served-fallback answer, not a peek: the downstream is being tried
         text = _opened(call, peek[1]) if peek else None
         if text is not None:
-            kind = peek[0].decode() if isinstance(peek[0], bytes) else str(peek[0])
+            kind = as_text(peek[0])
             value = kombu_json.loads(text)  # type: ignore[no-untyped-call]
             call.outcome["fallback_source"] = f"{kind}_cache"
             call.runtime.count("negative_hit", call.policy.downstream or "")

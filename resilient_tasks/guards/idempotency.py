@@ -26,7 +26,7 @@ from ..errors import (
 from ..keys import bind_arguments, digest, fingerprint, key_material
 from ..policy import IdempotencyPolicy
 from ..schedule import defer
-from ..store.base import Op
+from ..store.base import Op, as_text
 from . import Next
 
 __all__ = ["DEFAULT_LEASE", "DURABLE_SCRIPTS", "IdempotencyGuard", "lease_seconds", "record_key"]
@@ -137,15 +137,15 @@ class IdempotencyGuard:
         except StoreUnavailable as exc:
             if self._unguarded(call, policy, exc):
                 return next(call)
-        if _text(answer[0]) == "free":
+        if as_text(answer[0]) == "free":
             return self._claim_before_body(call, policy, next)
-        if _text(answer[0]) == "claimed":
+        if as_text(answer[0]) == "claimed":
             self._claimed(call, policy, int(answer[1]))
             return self._run(call, policy, next)
         return self._not_claimed(call, policy, answer)
 
     def _settle_epoch(self, call: Call, answer: Any) -> Any:
-        if _text(answer[0]) in ("no_epoch", "amnesia"):
+        if as_text(answer[0]) in ("no_epoch", "amnesia"):
             answer = self._epoch(call, answer)
         call.runtime.epoch_seen = True
         return answer
@@ -168,7 +168,7 @@ class IdempotencyGuard:
             except StoreUnavailable as exc:
                 if self._unguarded(call, policy, exc):
                     return
-            if _text(answer[0]) != "claimed":
+            if as_text(answer[0]) != "claimed":
                 raise _NotClaimed(answer)
             self._claimed(call, policy, int(answer[1]))
 
@@ -180,7 +180,7 @@ class IdempotencyGuard:
 
     def _not_claimed(self, call: Call, policy: IdempotencyPolicy, answer: Any) -> Any:
         """Someone else's record: replay it, refuse a conflict, or defer behind it."""
-        verdict = _text(answer[0])
+        verdict = as_text(answer[0])
         claim, call.claim = call.claim, None
         if verdict == "done":
             call.outcome["idempotency"] = "replayed"
@@ -205,13 +205,13 @@ class IdempotencyGuard:
     def _epoch(self, call: Call, answer: Any) -> Any:
         """The store has no epoch marker: first start, or a restart that lost our data."""
         runtime = call.runtime
-        if _text(answer[0]) == "no_epoch":
+        if as_text(answer[0]) == "no_epoch":
             seen = call.epoch_seen
             _, window = runtime.reset_epoch(seen_before=seen)
             if not seen:  # a fresh fleet: nothing can be in flight, claim again
                 runtime.epoch_seen = True
                 (again,) = runtime.store.run([self._claim_op(call, peek=False)])
-                if _text(again[0]) not in ("no_epoch", "amnesia"):
+                if as_text(again[0]) not in ("no_epoch", "amnesia"):
                     return again
             answer = [b"amnesia", 0, window or int(runtime.longest_lease() * 1000)]
         remaining = int(answer[2]) / 1000.0
@@ -271,7 +271,7 @@ class IdempotencyGuard:
 def _completed(call: Call, claim: ClaimHandle, answer: Any) -> None:
     if int(answer[0]) == 1:
         return
-    state = _text(answer[1])
+    state = as_text(answer[1])
     if not state:
         # The record is gone (the store lost its data, or an operator forgot it): nobody
         # else completed this key, and our body ran under a valid claim. Keep our result.
@@ -287,10 +287,6 @@ def _completed(call: Call, claim: ClaimHandle, answer: Any) -> None:
     raise ClaimLost(f"claim token {claim.token} was lost before completion (record is {state or 'gone'})")
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _encode(result: Any, limit: int) -> str | None:
     try:
         payload = dumps(result)
@@ -304,5 +300,5 @@ def _encode(result: Any, limit: int) -> str | None:
 
 
 def _decode(raw: Any) -> Any:
-    text = _text(raw) if raw is not None else "null"
+    text = as_text(raw) if raw is not None else "null"
     return loads(text or "null")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["Op", "Store"]
+__all__ = ["Op", "Store", "as_text"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,11 @@ class Op:
     script: str
     keys: tuple[str, ...]
     args: tuple[str | int | float, ...]
+
+
+def as_text(value: Any) -> str:
+    """A script's answer as text (Redis hands back bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class Store(Protocol):
