@@ -41,19 +41,11 @@ local function open_breaker()
   state = 'open'
 end
 
-local bucket_ms = math.max(1, math.floor(window / nb))
-local idx = math.floor(now / bucket_ms)
-local slot = idx % nb
-local function touch_slot()
-  if tonumber(redis.call('HGET', key, 't' .. slot) or '-1') ~= idx then
-    redis.call('HSET', key, 't' .. slot, idx, 'c' .. slot, 0, 'f' .. slot, 0, 's' .. slot, 0,
-               'a' .. slot, 0, 'r' .. slot, 0)
-  end
-end
+local idx, slot = bucket_of(now, window, nb)
 
 local transitioned = 0
 if outcome ~= 'none' then
-  touch_slot()
+  touch_bucket(key, idx, slot)
   local failed = outcome == 'fail' or outcome == 'slowfail'
   local slow = outcome == 'slow' or outcome == 'slowfail'
   redis.call('HINCRBY', key, 'c' .. slot, 1)

@@ -8,8 +8,7 @@ local now = clock_ms(ARGV[1])
 local ratio, floor_n = tonumber(ARGV[2]), tonumber(ARGV[3])
 local window, nb = tonumber(ARGV[4]), tonumber(ARGV[5])
 redis.call('HSET', key, 'budget_ratio', ARGV[2], 'budget_min', ARGV[3])
-local bucket_ms = math.max(1, math.floor(window / nb))
-local idx = math.floor(now / bucket_ms)
+local idx, slot = bucket_of(now, window, nb)
 local names = {}
 for s = 0, nb - 1 do
   names[#names + 1] = 't' .. s
@@ -28,11 +27,7 @@ end
 if retries + 1 > ratio * attempts + floor_n then
   return {0, retries, attempts}
 end
-local slot = idx % nb
-if tonumber(redis.call('HGET', key, 't' .. slot) or '-1') ~= idx then
-  redis.call('HSET', key, 't' .. slot, idx, 'c' .. slot, 0, 'f' .. slot, 0, 's' .. slot, 0,
-             'a' .. slot, 0, 'r' .. slot, 0)
-end
+touch_bucket(key, idx, slot)
 redis.call('HINCRBY', key, 'r' .. slot, 1)
 redis.call('PEXPIRE', key, tonumber(ARGV[6]))
 return {1, retries + 1, attempts}
