@@ -80,6 +80,8 @@ class Call:
     epoch_seen: bool = False
     #: Run right before the body (a claim put off until the breaker has admitted the call).
     before_body: Callable[[], None] | None = None
+    #: The result's JSON by ``id``, shared by the guards that store it.
+    encoded: dict[int, str | None] = field(default_factory=dict)
     breaker_local: bool = False
     admission: Admission | None = None
     has_result: bool = False

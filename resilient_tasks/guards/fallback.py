@@ -13,6 +13,7 @@ from typing import Any
 from kombu.utils import json as kombu_json
 
 from ..call import Call
+from ..codec import encode_capped
 from ..errors import CachedFailure, ResilienceError, StoreUnavailable
 from ..fallback import NotFound, degraded, entry_ttl
 from ..keys import digest, key_material
@@ -105,18 +106,6 @@ def _serve_op(call: Call, policy: FallbackPolicy, failures: int | None = None) -
     return Op("cache_serve", (_key(call),), args)
 
 
-def _encode(value: Any, limit: int) -> str | None:
-    try:
-        text = str(kombu_json.dumps(value))  # type: ignore[no-untyped-call]
-    except (TypeError, ValueError) as exc:
-        log.warning("result not cached for fallback: not JSON-serialisable (%s)", exc)
-        return None
-    if len(text.encode()) > limit:
-        log.warning("result not cached for fallback: %d bytes > max_size %d", len(text), limit)
-        return None
-    return text
-
-
 class FallbackGuard:
     """Caches successes under the fallback key and serves them on failure."""
 
@@ -173,7 +162,7 @@ class FallbackGuard:
         if policy.validate is not None and not _valid(policy, value):
             call.outcome["fallback_cached"] = False
             return
-        text = _encode(value, policy.max_size)
+        text = encode_capped(value, policy.max_size, "result not cached for fallback", call.encoded)
         if text is None:
             call.outcome["fallback_cached"] = False
             return

@@ -10,12 +10,10 @@ from __future__ import annotations
 import logging
 import random
 import uuid
-from collections.abc import Callable
-from typing import Any, cast
-
-from kombu.utils import json as kombu_json
+from typing import Any
 
 from ..call import DEFERRALS_HEADER, OWNER_HEADER, Call, ClaimHandle
+from ..codec import encode_capped, loads
 from ..errors import (
     ClaimLost,
     DuplicateInFlight,
@@ -33,9 +31,6 @@ __all__ = ["DEFAULT_LEASE", "DURABLE_SCRIPTS", "IdempotencyGuard", "lease_second
 
 log = logging.getLogger(__name__)
 
-# kombu's JSON (datetimes, UUIDs, decimals) so replays equal what Celery would return.
-dumps = cast(Callable[[Any], str], kombu_json.dumps)
-loads = cast(Callable[[str], Any], kombu_json.loads)
 
 DEFAULT_LEASE = 60.0
 #: End-trip writes worth delivering late when the store was down (owner- and
@@ -257,7 +252,9 @@ class IdempotencyGuard:
             # A degraded answer is not the job done: free the key for a fresh run later.
             call.at_end(Op("release", (claim.key,), (claim.owner, claim.token, ttl_ms)))
             return result
-        payload = _encode(result, call.runtime.max_result_bytes)
+        payload = encode_capped(
+            result, call.runtime.max_result_bytes, "result not stored for replays", call.encoded
+        )
         if payload is None:
             call.outcome["idempotency_result"] = "not_stored"
             payload = "null"
@@ -285,18 +282,6 @@ def _completed(call: Call, claim: ClaimHandle, answer: Any) -> None:
         log.warning("claim token %s was lost; another execution completed first", claim.token)
         return
     raise ClaimLost(f"claim token {claim.token} was lost before completion (record is {state or 'gone'})")
-
-
-def _encode(result: Any, limit: int) -> str | None:
-    try:
-        payload = dumps(result)
-    except (TypeError, ValueError) as exc:
-        log.warning("result is not JSON-serialisable; replays will return None: %s", exc)
-        return None
-    if len(payload.encode()) > limit:
-        log.warning("result is %d bytes (> %d); replays will return None", len(payload), limit)
-        return None
-    return str(payload)
 
 
 def _decode(raw: Any) -> Any:
