@@ -355,3 +355,28 @@ def test_a_completion_the_store_missed_is_delivered_when_it_is_back(
             again = pay.delay(7).get(timeout=30)
     assert first == again == {"paid": 7, "token": 1}
     assert runs == [7], "the duplicate replayed the late completion"
+
+
+def test_a_result_over_the_size_cap_is_not_stored_and_replays_none(
+    app_factory: Callable[..., Celery], rt_redis_flushed: object, store_client: object
+) -> None:
+    """Results have a size cap: a big one still marks the job done (no second run), but
+    the record keeps ``null`` instead of the value, and the key keeps its TTL."""
+    app = app_factory()
+    rt.install(app, redis_url=rt_redis_flushed.url(1), max_result_bytes=100)  # type: ignore[attr-defined]
+    runs: list[int] = []
+
+    @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
+        idempotency=rt.IdempotencyPolicy(key=("n",), ttl=600),
+    ))
+    def report(self: rt.ResilientTask, n: int) -> str:
+        runs.append(n)
+        return "x" * 1000
+
+    with in_process_worker(app, concurrency=1):
+        assert report.delay(1).get(timeout=20) == "x" * 1000
+        assert report.delay(1).get(timeout=20) is None
+    assert runs == [1]
+    (key,) = list(store_client.scan_iter("rt:idem:*"))  # type: ignore[attr-defined]
+    assert store_client.hget(key, "result") == b"null"  # type: ignore[attr-defined]
+    assert 0 < store_client.pttl(key) <= 600_000  # type: ignore[attr-defined]
