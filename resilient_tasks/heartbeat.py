@@ -126,10 +126,10 @@ class Heartbeat:
 
     def _deliver(self, pending: list[_Pending]) -> None:
         ops = [op for p in pending for op in p.ops]
-        now = time.monotonic()
         try:
             self._store().run(ops)
         except StoreUnavailable as exc:
+            now = time.monotonic()  # after the attempt: a slow one must not make the next due now
             with self._lock:
                 for p in pending:
                     if now >= p.until:

@@ -12,10 +12,13 @@ import random
 import uuid
 from typing import Any
 
+from celery.exceptions import Retry
+
 from ..call import DEFERRALS_HEADER, OWNER_HEADER, Call, ClaimHandle
 from ..codec import encode_capped, loads
 from ..errors import (
     ClaimLost,
+    DeadlineExceeded,
     DuplicateInFlight,
     IdempotencyConflict,
     IdempotencyKeyError,
@@ -57,12 +60,14 @@ def lease_seconds(call: Call, policy: IdempotencyPolicy) -> float:
 
 
 class _NotClaimed(BaseException):
-    """A put-off claim was refused: carries the store's answer out through the inner
-    guards, which let it pass (it is no ``Exception``, so no fallback or retry takes it)."""
+    """A put-off claim was not taken: carries the store's answer (or what to raise) out
+    through the inner guards, which let it pass (it is no ``Exception``, so no fallback
+    or retry takes it), to be handled where a claim refused in ``begin`` would be."""
 
-    def __init__(self, answer: Any) -> None:
-        super().__init__("claim refused")
+    def __init__(self, answer: Any = None, error: BaseException | None = None) -> None:
+        super().__init__("claim not taken")
         self.answer = answer
+        self.error = error
 
 
 class IdempotencyGuard:
@@ -161,8 +166,12 @@ class IdempotencyGuard:
                 (answer,) = call.runtime.store.run([self._claim_op(call, peek=False)])
                 answer = self._settle_epoch(call, answer)
             except StoreUnavailable as exc:
-                if self._unguarded(call, policy, exc):
+                if policy.on_store_error == "fail_open":
+                    self._unguarded(call, policy, exc)
                     return
+                raise _NotClaimed(error=exc) from exc
+            except (Retry, DeadlineExceeded) as exc:  # a deferral, raised out here
+                raise _NotClaimed(error=exc) from exc
             if as_text(answer[0]) != "claimed":
                 raise _NotClaimed(answer)
             self._claimed(call, policy, int(answer[1]))
@@ -171,6 +180,12 @@ class IdempotencyGuard:
         try:
             return self._run(call, policy, next)
         except _NotClaimed as refused:
+            # Outside the inner guards now: a deferral or a store failure is handled as in
+            # ``begin``, never taken for the body's own failure (no fallback, no retry).
+            if isinstance(refused.error, StoreUnavailable):
+                self._unguarded(call, policy, refused.error)
+            if refused.error is not None:
+                raise refused.error from None
             return self._not_claimed(call, policy, refused.answer)
 
     def _not_claimed(self, call: Call, policy: IdempotencyPolicy, answer: Any) -> Any:

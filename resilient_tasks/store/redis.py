@@ -8,12 +8,12 @@ only the ops that did not execute, which is safe because a NOSCRIPT op changed n
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
 import inspect
 import logging
 import os
-import threading
 import time
 from collections.abc import Sequence
 from importlib import resources
@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 
 #: How many times a batch's NOSCRIPT answers are loaded and re-sent.
 NOSCRIPT_TRIES = 3
-#: A thread's connection idle longer than this is checked for a close before use.
-IDLE_CHECK_S = 0.25
 #: One store call's reads end this many socket timeouts after it started.
 CALL_BUDGET = 1.5
 
@@ -49,6 +47,10 @@ def load_scripts() -> dict[str, str]:
         for entry in folder.iterdir()
         if entry.name.endswith(".lua") and not entry.name.startswith("_")
     }
+
+
+#: ``read_response(timeout=...)`` exists from redis-py 8.
+_READ_TIMEOUT = "timeout" in inspect.signature(redis.connection.AbstractConnection.read_response).parameters
 
 
 def _lean_connection() -> dict[str, Any]:
@@ -142,10 +144,8 @@ class RedisStore:
             for name, value in _lean_connection().items():
                 options.setdefault(name, value)
         self.cluster = cluster
-        self._local = threading.local()
-        self._made: list[Any] = []
-        self._spare: list[tuple[Any, int]] = []  # warmed up, not yet any thread's
-        self._made_lock = threading.Lock()
+        self._idle: collections.deque[Any] = collections.deque()
+        self._pid = os.getpid()
         if client is not None:
             self.client: Any = client
         elif cluster:
@@ -246,7 +246,7 @@ class RedisStore:
             except RedisError as exc:
                 log.info("store warm-up skipped (the first task will load them): %s", exc)
             return
-        conn = self.client.connection_pool.make_connection()
+        conn = self._new_connection()
         try:
             names = sorted(scripts())
             conn.send_packed_command([_pack_loads(names)])
@@ -256,9 +256,8 @@ class RedisStore:
             conn.disconnect()
             log.info("store warm-up skipped (the first task will connect): %s", exc)
             return
-        with self._made_lock:  # connected: the first thread that needs one takes it
-            self._made.append(conn)
-            self._spare.append((conn, os.getpid()))
+        if self._pid == os.getpid():
+            self._idle.append(conn)  # connected: the first call takes it
 
     def _send(self, ops: Sequence[Op], deadline: float | None = None) -> list[Any]:
         if self.cluster:
@@ -273,7 +272,7 @@ class RedisStore:
 
         Error answers (NOSCRIPT, OOM) come back in place, as a pipeline would give them.
         Each read waits the socket timeout at most, and never past ``deadline``."""
-        conn = self._connection()
+        conn = self._checkout()
         try:
             conn.send_packed_command(payload)
             answers: list[Any] = []
@@ -282,38 +281,37 @@ class RedisStore:
                     answers.append(conn.read_response(**self._read_budget(deadline)))
                 except ResponseError as exc:
                     answers.append(exc)
-            self._local.used = time.monotonic()
-            return answers
         except BaseException:
-            conn.disconnect()  # half-read: the next call starts on a fresh connection
-            self._local.used = 0.0  # disconnected: nothing to check before the next use
+            conn.disconnect()  # half-read: dropped, never handed to another call
             raise
+        self._idle.append(conn)
+        return answers
 
-    def _connection(self) -> Any:
-        """This thread's own connection: no pool lock to contend for, no bookkeeping per
-        call. One that sat idle is checked first (a restarted server closed it)."""
-        local = self._local
-        conn = getattr(local, "conn", None)
-        if conn is None or local.pid != os.getpid():
-            pid = os.getpid()
-            with self._made_lock:
-                spare = [c for c, owner in self._spare if owner == pid]
-                self._spare.clear()
-                if spare:
-                    conn = spare[0]
-                else:
-                    conn = self.client.connection_pool.make_connection()
-                    self._made.append(conn)
-            # ``used`` is 0 while not connected (the first send connects it)
-            local.conn, local.pid, local.used = conn, pid, time.monotonic() if spare else 0.0
-        elif local.used and time.monotonic() - local.used > IDLE_CHECK_S:
-            # (never on a disconnected one: can_read() would connect it, a trip of its own)
-            try:
-                if conn.can_read():  # EOF (or stray bytes): start clean
-                    conn.disconnect()
-            except (RedisError, OSError):
+    def _checkout(self) -> Any:
+        """An idle connection of ours (last in, first out), or a new one.
+
+        Our own short list instead of redis-py's pool: no lock or bookkeeping per call,
+        and it holds at most as many connections as calls ever ran at once, whatever the
+        pool (threads, greenlets). A connection the server closed while it sat idle is
+        noticed here and opened again by the send (one non-blocking look, no trip)."""
+        if self._pid != os.getpid():  # forked: the parent's sockets are not ours
+            self._idle = collections.deque()
+            self._pid = os.getpid()
+        try:
+            conn = self._idle.pop()
+        except IndexError:
+            return self._new_connection()
+        try:
+            if conn.can_read():  # EOF (or stray bytes): start clean
                 conn.disconnect()
+        except (RedisError, OSError):
+            conn.disconnect()
         return conn
+
+    def _new_connection(self) -> Any:
+        """Built from the pool's settings (TLS, ACL, db), outside its count of connections."""
+        pool = self.client.connection_pool
+        return pool.connection_class(**pool.connection_kwargs)
 
     def _read_budget(self, deadline: float | None) -> dict[str, float]:
         if deadline is None:
@@ -323,7 +321,9 @@ class RedisStore:
             budget = CALL_BUDGET * (self.socket_timeout or 0)
             raise redis.TimeoutError(f"no time left for this call ({budget:g}s)")
         timeout = self.socket_timeout
-        return {"timeout": left} if timeout is None or left < timeout else {}
+        if not _READ_TIMEOUT or (timeout is not None and left >= timeout):
+            return {}  # (redis-py < 8 reads with the socket timeout alone)
+        return {"timeout": left}
 
     def _load(self, names: set[str]) -> None:
         if self.cluster:  # SCRIPT LOAD goes to every primary
@@ -359,8 +359,6 @@ class RedisStore:
         return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
 
     def close(self) -> None:
-        with self._made_lock:
-            made, self._made = self._made, []
-        for conn in made:
-            conn.disconnect()
+        while self._idle:
+            self._idle.pop().disconnect()
         self.client.close()

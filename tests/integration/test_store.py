@@ -216,3 +216,41 @@ def test_one_call_blocks_at_most_two_socket_timeouts(rt_redis_flushed: RedisServ
         proxy.clear()
         assert store.run([Op("claim", (store.key("idem", "slow"),), ("a", 1000, 60_000, "", "t", T0, ""))])
         store.close()
+
+
+def test_connections_stay_few_whatever_the_threads_and_survive_a_server_side_close(
+    rt_redis_flushed: RedisServer,
+) -> None:
+    """Short-lived threads (or greenlets) reuse idle connections instead of each leaving
+    one open; a connection the server closed while idle is reopened, not failed."""
+    import threading
+
+    store = RedisStore(rt_redis_flushed.url(1))
+    admin = rt_redis_flushed.client()
+    errors: list[BaseException] = []
+
+    def one_call(n: int) -> None:
+        try:
+            store.run([Op("claim", (store.key("idem", f"t{n}"),), ("a", 1000, 60_000, "", "t", T0, ""))])
+        except BaseException as exc:
+            errors.append(exc)
+
+    for n in range(150):  # one after another: a new thread each time
+        thread = threading.Thread(target=one_call, args=(n,))
+        thread.start()
+        thread.join()
+    burst = [threading.Thread(target=one_call, args=(1000 + n,)) for n in range(16)]
+    for thread in burst:
+        thread.start()
+    for thread in burst:
+        thread.join()
+    assert errors == []
+    assert len(store._idle) <= 16
+    ours = [c for c in admin.client_list() if int(c["db"]) == 1]
+    assert len(ours) <= 16, "no connection per thread left behind"
+
+    admin.client_kill_filter(_type="normal", skipme=True)  # e.g. a proxy or failover reset
+    (answer,) = store.run([Op("claim", (store.key("idem", "after-kill"),), ("a", 1000, 60_000, "", "t", T0, ""))])
+    assert answer[0] == b"claimed"
+    store.close()
+    admin.close()
