@@ -218,15 +218,18 @@ def test_one_call_blocks_at_most_two_socket_timeouts(rt_redis_flushed: RedisServ
         store.close()
 
 
-def test_connections_stay_few_whatever_the_threads_and_survive_a_server_side_close(
-    rt_redis_flushed: RedisServer,
-) -> None:
+def test_connections_stay_few_whatever_the_threads_and_survive_a_server_side_close() -> None:
     """Short-lived threads (or greenlets) reuse idle connections instead of each leaving
     one open; a connection the server closed while idle is reopened, not failed."""
+    with RedisServer() as server:  # its own server: only this store's connections on it
+        _connections_stay_few(server)
+
+
+def _connections_stay_few(server: RedisServer) -> None:
     import threading
 
-    store = RedisStore(rt_redis_flushed.url(1))
-    admin = rt_redis_flushed.client()
+    store = RedisStore(server.url(1))
+    admin = server.client()
     errors: list[BaseException] = []
 
     def one_call(n: int) -> None:
