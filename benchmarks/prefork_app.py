@@ -1,0 +1,46 @@
+"""The worker app of ``benchmarks.prefork``: the same four tasks as ``overhead``'s core
+variants, served by ``celery worker`` in its own process (Celery's default prefork pool)."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+
+import resilient_tasks as rt
+
+app = Celery("prefork-bench", broker=os.environ["BENCH_BROKER"], backend=os.environ["BENCH_BACKEND"])
+app.conf.update(
+    worker_prefetch_multiplier=4,
+    broker_connection_retry_on_startup=True,
+    broker_transport_options={"visibility_timeout": 3600},
+    result_expires=600,
+    worker_hijack_root_logger=False,
+)
+rt.install(app, redis_url=os.environ["BENCH_STORE"])
+
+POLICIES: dict[str, rt.TaskPolicy | None] = {
+    "plain": None,
+    "idempotency": rt.TaskPolicy(idempotency=rt.IdempotencyPolicy(key=("n",))),
+    "breaker": rt.TaskPolicy(downstream="bench-ds", breaker=rt.BreakerPolicy(min_calls=1_000_000)),
+    "all_guards": rt.TaskPolicy(
+        downstream="bench-ds2",
+        idempotency=rt.IdempotencyPolicy(key=("n",)),
+        breaker=rt.BreakerPolicy(min_calls=1_000_000),
+        fallback=rt.FallbackPolicy(key=("n",)),
+    ),
+}
+
+
+def _register(variant: str, policy: rt.TaskPolicy | None) -> None:
+    def run(n: int) -> int:
+        return n + 1
+
+    options: dict[str, object] = {"name": f"bench.{variant}"}
+    if policy is not None:
+        options.update(base=rt.ResilientTask, policy=policy)
+    app.task(**options)(run)
+
+
+for _variant, _policy in POLICIES.items():
+    _register(_variant, _policy)
