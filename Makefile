@@ -38,3 +38,4 @@ lint: $(DEV_TOOLS)
 
 bench:
 	$(PYTHON) -m benchmarks.overhead
+	$(PYTHON) -m benchmarks.prefork
