@@ -26,7 +26,7 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from resilient_tasks.telemetry import FLOWER_FIELDS
-from resilient_tasks.testing import RedisServer, SubprocessWorker, free_port, wait_until
+from resilient_tasks.testing import RedisServer, SubprocessWorker, free_port, stop_process, wait_until
 
 APP = "tests.telemetry_app"
 PRICING_DOWN = "telemetry:pricing:down"  # tests/telemetry_app.py (it reads its env at import)
@@ -106,13 +106,7 @@ class Flower:
         return bool(re.search(rf'flower_worker_online\{{worker="{prefix}@[^"]*"\}} 1\.0', text))
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         self.log.close()
 
 
