@@ -62,6 +62,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 import resilient_tasks as rt
 from resilient_tasks.store.base import Op
 from resilient_tasks.store.redis import RedisStore
+from resilient_tasks.store.wire import Wire
 from resilient_tasks.testing import RedisServer, in_process_worker
 
 Body = Callable[[int], int]
@@ -311,10 +312,9 @@ def counted_outcomes(reader: InMemoryMetricReader) -> dict[str, int]:
 
 
 class CountingConnection(redis.connection.Connection):
-    """A store connection that counts request writes: one per command or pipeline.
-
-    Health-check PINGs and connection set-up commands are real round trips too, and are
-    counted because they also go through ``send_packed_command``.
+    """A store connection that counts the requests redis-py writes on it: connection
+    set-up (SELECT, AUTH) and health checks, real round trips too. The store's own
+    requests are written by ``Wire`` and counted there (``instrument_store``).
     """
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
@@ -326,6 +326,11 @@ class CountingConnection(redis.connection.Connection):
 def instrument_store() -> Iterator[None]:
     """Count ``RedisStore`` pipelines and ops; the workers are threads of this process."""
     send, load = RedisStore._send, RedisStore._load
+    wire_trip = Wire.round_trip
+
+    def counted_trip(self: Wire, payload: bytes, count: int, deadline: float | None) -> list[Any]:
+        COUNTERS.add("wire")
+        return wire_trip(self, payload, count, deadline)
 
     def counted_send(self: RedisStore, ops: Sequence[Op], *rest: Any) -> list[Any]:
         COUNTERS.add("pipelines")
@@ -339,9 +344,11 @@ def instrument_store() -> Iterator[None]:
 
     RedisStore._send = counted_send  # type: ignore[method-assign]
     RedisStore._load = counted_load  # type: ignore[method-assign]
+    Wire.round_trip = counted_trip  # type: ignore[method-assign]
     try:
         yield
     finally:
+        Wire.round_trip = wire_trip  # type: ignore[method-assign]
         RedisStore._send = send  # type: ignore[method-assign]
         RedisStore._load = load  # type: ignore[method-assign]
 

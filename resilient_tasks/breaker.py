@@ -8,6 +8,7 @@ scripts are checked against in the property tests.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass, field
@@ -34,7 +35,13 @@ OUTCOMES = ("ok", "fail", "slow", "slowfail", "none")
 
 def breaker_key(store: Store, name: str) -> str:
     """``prefix:brk:{sha256(name)}``: the name is stored inside, never in the key."""
-    return store.key("brk", digest("breaker", name)[:40])
+    return store.key("brk", _breaker_tag(name))
+
+
+@functools.lru_cache(maxsize=4096)
+def _breaker_tag(name: str) -> str:
+    """Hashed once per name: a task names the same few downstreams on every call."""
+    return digest("breaker", name)[:40]
 
 
 def probe_lease_ms(policy: BreakerPolicy) -> int:

@@ -23,6 +23,7 @@ from .breaker import LocalBreaker
 from .call import DEADLINE_HEADER, current_deadline
 from .errors import PolicyError, StoreUnavailable
 from .heartbeat import Heartbeat
+from .keys import owner_id
 from .policy import BreakerPolicy
 from .store.base import Op, Store
 from .store.redis import RedisStore
@@ -109,11 +110,10 @@ class Runtime:
 
     def reset_epoch(self, *, seen_before: bool) -> tuple[bool, int]:
         """Create the epoch marker; if this process had seen one, declare amnesia."""
-        import uuid
 
         epoch, amnesia = self.epoch_keys()
         window = int(self.longest_lease() * 1000)
-        op = Op("epoch", (epoch, amnesia), (int(seen_before), window, uuid.uuid4().hex))
+        op = Op("epoch", (epoch, amnesia), (int(seen_before), window, owner_id()))
         (answer,) = self.store.run([op])
         return bool(int(answer[0])), int(answer[1])
 

@@ -12,13 +12,13 @@ import contextlib
 import logging
 import random
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 from ..breaker import Admission, admit_op, outcome_of, parse_admission, record_op
 from ..call import DEFERRALS_HEADER, Call
 from ..errors import CircuitOpen, StoreUnavailable
+from ..keys import owner_id
 from ..policy import BreakerPolicy, matches
 from ..schedule import defer
 from ..store.base import Op, as_text
@@ -74,7 +74,7 @@ class BreakerGuard:
         if found is None:
             return []
         name, policy = found
-        call.breaker_owner = uuid.uuid4().hex
+        call.breaker_owner = owner_id()
         return [admit_op(call.runtime.store, name, policy, call.breaker_owner, call.runtime.now_ms())]
 
     def abandon(self, call: Call) -> list[Op]:
@@ -181,7 +181,7 @@ def downstream_call(call: Call, name: str) -> Iterator[Admission]:
     """Guard one block of a body with the breaker ``name`` (admit, then record)."""
     runtime = call.runtime
     policy = runtime.breaker_policy(name, call.policy)
-    owner = uuid.uuid4().hex
+    owner = owner_id()
     local = False
     try:
         (answer,) = runtime.store.run([admit_op(runtime.store, name, policy, owner, runtime.now_ms())])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import random
-import uuid
 from typing import Any
 
 from celery.exceptions import Retry
@@ -24,7 +23,7 @@ from ..errors import (
     IdempotencyKeyError,
     StoreUnavailable,
 )
-from ..keys import bind_arguments, digest, fingerprint, key_material
+from ..keys import bind_arguments, digest, fingerprint, key_material, owner_id
 from ..policy import IdempotencyPolicy
 from ..schedule import defer
 from ..store.base import Op, as_text
@@ -103,7 +102,7 @@ class IdempotencyGuard:
         call.epoch_seen = call.runtime.epoch_seen
         lease_ms = int(call.lease_s * 1000)
         previous_owner = str(call.headers.get(OWNER_HEADER) or "")
-        owner = uuid.uuid4().hex
+        owner = owner_id()
         call.outcome["idempotency_key"] = key
         call.claim = ClaimHandle(key=key, owner=owner, token=0)
         return Op(

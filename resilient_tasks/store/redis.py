@@ -20,12 +20,14 @@ from importlib import resources
 from typing import Any
 
 import redis
+from redis._parsers import _RESP2Parser
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
 
 from ..errors import StoreUnavailable
 from .base import Op
+from .wire import Wire, hiredis
 
 __all__ = ["RedisStore", "load_scripts", "scripts"]
 
@@ -47,10 +49,6 @@ def load_scripts() -> dict[str, str]:
         for entry in folder.iterdir()
         if entry.name.endswith(".lua") and not entry.name.startswith("_")
     }
-
-
-#: ``read_response(timeout=...)`` exists from redis-py 8.
-_READ_TIMEOUT = "timeout" in inspect.signature(redis.connection.AbstractConnection.read_response).parameters
 
 
 def _lean_connection() -> dict[str, Any]:
@@ -84,15 +82,15 @@ def _evalsha_head(script: str) -> bytes:
 
 def _bulk(value: Any) -> bytes:
     if isinstance(value, str):
-        data = value.encode()
+        data = str.encode(value)
     elif isinstance(value, bytes):
-        data = value
+        data = bytes(value)
     elif isinstance(value, bool):
         raise TypeError("a script argument may not be a bool")
     elif isinstance(value, int):
         data = b"%d" % value
     elif isinstance(value, float):
-        data = repr(value).encode()
+        data = float.__repr__(value).encode()
     else:
         raise TypeError(f"a script argument must be str, bytes, int or float, not {type(value).__name__}")
     return b"$%d\r\n%s\r\n" % (len(data), data)
@@ -107,14 +105,35 @@ def _pack_loads(names: Sequence[str]) -> bytes:
 
 def pack_evalsha(ops: Sequence[Op]) -> bytes:
     """RESP for ``EVALSHA`` per op: our args are only str/int/float, so packing them here
-    costs a third of redis-py's general packer (the hot path runs it twice per task)."""
+    costs a fraction of redis-py's general packer (the hot path runs it twice per task,
+    for some 50 arguments); hiredis, when installed, packs in C."""
+    if hiredis is not None:
+        try:
+            return b"".join([
+                hiredis.pack_command(("EVALSHA", scripts()[op.script][1], len(op.keys), *op.keys, *op.args))
+                for op in ops
+            ])
+        except TypeError:
+            pass  # (an argument type hiredis refuses: the error below names it)
     parts: list[bytes] = []
+    append = parts.append
     for op in ops:
-        parts.append(b"*%d\r\n" % (3 + len(op.keys) + len(op.args)))
-        parts.append(_evalsha_head(op.script))
-        parts.append(_bulk(len(op.keys)))
-        parts.extend(map(_bulk, op.keys))
-        parts.extend(map(_bulk, op.args))
+        keys, args = op.keys, op.args
+        append(b"*%d\r\n%s$%d\r\n%d\r\n" % (
+            3 + len(keys) + len(args), _evalsha_head(op.script), len(str(len(keys))), len(keys)
+        ))
+        for key in keys:
+            data = key.encode()
+            append(b"$%d\r\n%s\r\n" % (len(data), data))
+        for value in args:
+            if type(value) is str:
+                data = value.encode()
+            elif type(value) is int:
+                data = b"%d" % value
+            else:
+                append(_bulk(value))
+                continue
+            append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
 
 
@@ -143,8 +162,14 @@ class RedisStore:
         if not cluster:
             for name, value in _lean_connection().items():
                 options.setdefault(name, value)
+            if url.startswith("rediss://") or options.get("ssl"):
+                # redis-py with the hiredis parser takes a TLS 1.3 session ticket for
+                # unread data and refuses the new connection ("Connection not ready").
+                options.setdefault("parser_class", _RESP2Parser)
         self.cluster = cluster
-        self._idle: collections.deque[Any] = collections.deque()
+        self._idle: collections.deque[Wire] = collections.deque()
+        #: Requests written on our connections (each is one round trip).
+        self.requests_sent = 0
         self._pid = os.getpid()
         if client is not None:
             self.client: Any = client
@@ -161,14 +186,18 @@ class RedisStore:
                 health_check_interval=30,
                 **options,
             )
+        self._timeout = self._timeout_setting()
 
-    @property
-    def socket_timeout(self) -> float | None:
-        """Seconds one command may block (the URL's ``socket_timeout`` wins)."""
+    def _timeout_setting(self) -> float | None:
         if self.cluster:
             return self._socket_timeout
         value = self.client.connection_pool.connection_kwargs.get("socket_timeout")
         return float(value) if value is not None else None
+
+    @property
+    def socket_timeout(self) -> float | None:
+        """Seconds one command may block (the URL's ``socket_timeout`` wins)."""
+        return self._timeout
 
     def key(self, kind: str, tag: str, *suffix: str) -> str:
         tail = "".join(f":{part}" for part in suffix)
@@ -203,7 +232,7 @@ class RedisStore:
         if not ops:
             return []
         started = time.monotonic()
-        timeout = self.socket_timeout
+        timeout = self._timeout
         # Reads give up 1.5 timeouts after the call began: a new connection's SELECT may
         # already have waited most of one, and the rest is margin for a busy interpreter,
         # so one call stays within two socket timeouts however the network misbehaves.
@@ -246,18 +275,19 @@ class RedisStore:
             except RedisError as exc:
                 log.info("store warm-up skipped (the first task will load them): %s", exc)
             return
-        conn = self._new_connection()
+        names = sorted(scripts())
+        wire = Wire(self._new_connection(), self._timeout)
         try:
-            names = sorted(scripts())
-            conn.send_packed_command([_pack_loads(names)])
-            for _ in names:
-                conn.read_response()
+            answers = wire.round_trip(_pack_loads(names), len(names), None)
         except (RedisError, OSError) as exc:
-            conn.disconnect()
+            wire.close()
             log.info("store warm-up skipped (the first task will connect): %s", exc)
             return
+        refused = [answer for answer in answers if isinstance(answer, Exception)]
+        if refused:
+            log.info("store warm-up could not load every script (the first task will): %s", refused[0])
         if self._pid == os.getpid():
-            self._idle.append(conn)  # connected: the first call takes it
+            self._idle.append(wire)  # connected: the first call takes it
 
     def _send(self, ops: Sequence[Op], deadline: float | None = None) -> list[Any]:
         if self.cluster:
@@ -272,22 +302,17 @@ class RedisStore:
 
         Error answers (NOSCRIPT, OOM) come back in place, as a pipeline would give them.
         Each read waits the socket timeout at most, and never past ``deadline``."""
-        conn = self._checkout()
+        wire = self._checkout()
+        self.requests_sent += 1
         try:
-            conn.send_packed_command(payload)
-            answers: list[Any] = []
-            for _ in range(count):
-                try:
-                    answers.append(conn.read_response(**self._read_budget(deadline)))
-                except ResponseError as exc:
-                    answers.append(exc)
+            answers = wire.round_trip(b"".join(payload), count, deadline)
         except BaseException:
-            conn.disconnect()  # half-read: dropped, never handed to another call
+            wire.close()  # half-read: dropped, never handed to another call
             raise
-        self._idle.append(conn)
+        self._idle.append(wire)
         return answers
 
-    def _checkout(self) -> Any:
+    def _checkout(self) -> Wire:
         """An idle connection of ours (last in, first out), or a new one.
 
         Our own short list instead of redis-py's pool: no lock or bookkeeping per call,
@@ -298,32 +323,20 @@ class RedisStore:
             self._idle = collections.deque()
             self._pid = os.getpid()
         try:
-            conn = self._idle.pop()
+            wire = self._idle.pop()
         except IndexError:
-            return self._new_connection()
-        try:
-            if conn.can_read():  # EOF (or stray bytes): start clean
-                conn.disconnect()
-        except (RedisError, OSError):
-            conn.disconnect()
-        return conn
+            return Wire(self._new_connection(), self._timeout)
+        if not wire.idle_and_sound():  # EOF (or stray bytes): start clean
+            wire.close()
+        return wire
 
     def _new_connection(self) -> Any:
-        """Built from the pool's settings (TLS, ACL, db), outside its count of connections."""
-        pool = self.client.connection_pool
-        return pool.connection_class(**pool.connection_kwargs)
+        """Built from the pool's settings (TLS, ACL, db), outside its count of connections.
 
-    def _read_budget(self, deadline: float | None) -> dict[str, float]:
-        if deadline is None:
-            return {}
-        left = deadline - time.monotonic()
-        if left <= 0:
-            budget = CALL_BUDGET * (self.socket_timeout or 0)
-            raise redis.TimeoutError(f"no time left for this call ({budget:g}s)")
-        timeout = self.socket_timeout
-        if not _READ_TIMEOUT or (timeout is not None and left >= timeout):
-            return {}  # (redis-py < 8 reads with the socket timeout alone)
-        return {"timeout": left}
+        No health-check PING: it would make opening a connection two round trips, and
+        ``Wire`` looks at an idle connection before each use instead."""
+        pool = self.client.connection_pool
+        return pool.connection_class(**{**pool.connection_kwargs, "health_check_interval": 0})
 
     def _load(self, names: set[str]) -> None:
         if self.cluster:  # SCRIPT LOAD goes to every primary
@@ -360,5 +373,5 @@ class RedisStore:
 
     def close(self) -> None:
         while self._idle:
-            self._idle.pop().disconnect()
+            self._idle.pop().close()
         self.client.close()

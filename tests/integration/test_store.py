@@ -182,18 +182,22 @@ def test_noscript_costs_one_extra_round_trip_and_warm_up_loads_every_script(
     store.run([Op("claim", (store.key("idem", "prime"),), ("a", 1000, 60_000, "", "t", T0, ""))])
     store.client.script_flush()
     _CountingConnection.sent = 0
+    before = store.requests_sent
     ops = [Op("claim", (store.key("idem", f"rt{n}"),), ("a", 1000, 60_000, "", "t", T0, "")) for n in range(2)]
     assert [a[0] for a in store.run(ops)] == [b"claimed", b"claimed"]
-    assert _CountingConnection.sent == 2, "EVALSHA, then SCRIPT LOAD + EVALSHA in one pipeline"
+    trips = _CountingConnection.sent + store.requests_sent - before
+    assert trips == 2, "EVALSHA, then SCRIPT LOAD + EVALSHA in one pipeline"
 
     store.client.script_flush()
     store.close()
     fresh = RedisStore(rt_redis_flushed.url(1), connection_class=_CountingConnection)
     fresh.warm()  # a worker starting: connects and loads every script in the background
     _CountingConnection.sent = 0
+    before = fresh.requests_sent
     (answer,) = fresh.run([Op("claim", (fresh.key("idem", "w"),), ("a", 1000, 60_000, "", "t", T0, ""))])
     assert answer[0] == b"claimed"
-    assert _CountingConnection.sent == 1, "after warm-up the first call is one round trip"
+    trips = _CountingConnection.sent + fresh.requests_sent - before
+    assert trips == 1, "after warm-up the first call is one round trip (no SELECT, no SCRIPT LOAD)"
     store = fresh
     store.close()
 
@@ -257,3 +261,54 @@ def _connections_stay_few(server: RedisServer) -> None:
     assert answer[0] == b"claimed"
     store.close()
     admin.close()
+
+
+@pytest.mark.parametrize("reader", ["python", "hiredis"])
+def test_the_wire_reads_every_reply_a_real_server_sends(
+    rt_redis_flushed: RedisServer, reader: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Our socket and reader against redis-server itself: big replies over many reads,
+    CRLF inside a value, nil, nested arrays, error replies in place."""
+    from resilient_tasks.store import wire
+
+    if reader == "python":
+        monkeypatch.setattr(wire, "hiredis", None)
+    elif wire.hiredis is None:
+        pytest.skip("hiredis is not installed")
+    store = RedisStore(rt_redis_flushed.url(1), prefix="rt")
+    conn = redis.connection.Connection()
+    big = "x" * 300_000  # several recv()s
+    commands = [
+        ("SET", "rt:wire:big", big, "PX", 60_000),
+        ("GET", "rt:wire:big"),
+        ("SET", "rt:wire:crlf", "a\r\nb", "PX", 60_000),
+        ("GET", "rt:wire:crlf"),
+        ("GET", "rt:wire:absent"),
+        ("EVAL", "return {1, {'two', false}, 'three'}", 0),
+        ("EVALSHA", "0" * 40, 0),
+        ("INCRBY", "rt:wire:big", 1),
+    ]
+    payload = b"".join(b"".join(conn.pack_command(*c)) for c in commands)
+    answers = store._round_trip([payload], len(commands), None)
+    assert answers[:6] == [b"OK", big.encode(), b"OK", b"a\r\nb", None, [1, [b"two", None], b"three"]]
+    assert isinstance(answers[6], redis.exceptions.NoScriptError)
+    assert isinstance(answers[7], redis.exceptions.ResponseError)
+    # The connection is whole after all that: the next trip on it is answered in order.
+    (again,) = store._round_trip([b"".join(conn.pack_command("GET", "rt:wire:crlf"))], 1, None)
+    assert again == b"a\r\nb"
+    assert len(store._idle) == 1
+    store.close()
+
+
+def test_plain_tcp_store_connections_block_in_the_kernel_with_its_timeouts(rt_redis_flushed: RedisServer) -> None:
+    """One system call per send and per read: the socket is blocking with SO_RCVTIMEO."""
+    import socket
+    import struct
+
+    store = RedisStore(rt_redis_flushed.url(1) + "?socket_timeout=2.5", prefix="rt")
+    store.run([Op("claim", (store.key("idem", "kt"),), ("a", 1000, 60_000, "", "t", T0, ""))])
+    (wire_,) = store._idle
+    assert wire_.kernel_timeouts and wire_.sock.gettimeout() is None
+    seconds, micros = struct.unpack("ll", wire_.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
+    assert seconds + micros / 1e6 == pytest.approx(2.5, abs=0.01)
+    store.close()

@@ -64,6 +64,16 @@ def test_rediss_with_the_right_ca_works(tls_server: tuple[RedisServer, int, Path
     store.ping()
     (answer,) = store.run([Op("claim", (store.key("idem", "tls"),), ("o", 1000, 60000, "", "t", 0, ""))])
     assert answer[0] == b"claimed"
+    # One TLS connection serves call after call: the session tickets a TLS 1.3 server
+    # sends after the handshake are not taken for a dead or dirty connection.
+    (wire,) = store._idle
+    first_socket = wire.sock
+    for n in range(20):
+        (answer,) = store.run([Op("claim", (store.key("idem", f"tls{n}"),), ("o", 1000, 60000, "", "t", 0, ""))])
+        assert answer[0] == b"claimed"
+    assert store._idle[0] is wire and wire.sock is first_socket, "no reconnect per call"
+    assert not wire.kernel_timeouts  # TLS keeps Python's timeout mode
+    store.close()
 
 
 def test_plaintext_and_a_wrong_ca_are_refused(tls_server: tuple[RedisServer, int, Path, Path]) -> None:

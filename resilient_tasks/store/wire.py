@@ -1,0 +1,226 @@
+"""One store connection that we write and read ourselves.
+
+redis-py opens it (TCP, unix socket or TLS; AUTH, SELECT), then hands us the socket. Our
+round trips are always "some EVALSHAs, then their answers", so a plain ``sendall`` and a
+small RESP2 reader do the job. redis-py's general path costs about a round trip's worth of
+CPU per call again on a busy thread pool: a liveness check that toggles the socket's
+timeout three times, a poll before every send and read, and a per-line parser.
+
+A plain socket is kept in blocking mode with kernel timeouts (``SO_RCVTIMEO`` and
+``SO_SNDTIMEO``): each send and each read is one system call, and one release of the GIL.
+A TLS socket, or a platform without those options, keeps Python's timeout mode.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import struct
+import time
+from typing import Any
+
+import redis
+from redis.exceptions import ResponseError
+
+hiredis: Any
+try:  # C parser and packer, when installed (``pip install resilient-tasks[fast]``)
+    import hiredis as _hiredis
+
+    hiredis = _hiredis
+except ImportError:  # pragma: no cover - depends on the environment
+    hiredis = None
+
+try:  # the error classes redis-py gives each error code (NOSCRIPT, LOADING, ...)
+    from redis._parsers import BaseParser
+
+    _parse_error: Any = BaseParser.parse_error
+except ImportError:  # pragma: no cover - a redis-py that moved it
+
+    def _parse_error(message: str) -> ResponseError:
+        if message.startswith("NOSCRIPT"):
+            return redis.exceptions.NoScriptError(message)
+        return ResponseError(message)
+
+
+__all__ = ["Wire", "hiredis", "parse_reply"]
+
+_CRLF = b"\r\n"
+_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+
+
+class _Incomplete(Exception):
+    """More bytes are needed before this answer can be parsed."""
+
+
+def parse_reply(buf: bytes, pos: int) -> tuple[Any, int]:
+    """One RESP2 value from ``buf`` at ``pos``: bulk strings as bytes, integers as int,
+    nil as None, arrays as lists, errors as exception instances (as a pipeline gives them)."""
+    end = buf.find(_CRLF, pos)
+    if end < 0:
+        raise _Incomplete
+    kind = buf[pos]
+    line = buf[pos + 1 : end]
+    pos = end + 2
+    try:
+        if kind == 36:  # $ bulk string
+            size = int(line)
+            if size < 0:
+                return None, pos
+            stop = pos + size
+            if stop + 2 > len(buf):
+                raise _Incomplete
+            return buf[pos:stop], stop + 2
+        if kind == 58:  # : integer
+            return int(line), pos
+        if kind == 42:  # * array
+            size = int(line)
+            if size < 0:
+                return None, pos
+            items = []
+            for _ in range(size):
+                item, pos = parse_reply(buf, pos)
+                items.append(item)
+            return items, pos
+    except ValueError as exc:
+        raise redis.exceptions.InvalidResponse(f"malformed reply line {line[:40]!r}") from exc
+    if kind == 43:  # + status
+        return line, pos
+    if kind == 45:  # - error
+        return _parse_error(line.decode("utf-8", "replace")), pos
+    raise redis.exceptions.InvalidResponse(f"unknown reply type {bytes([kind])!r}")
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
+
+
+class Wire:
+    """A connected socket, or nothing yet; opened by the first send."""
+
+    __slots__ = ("conn", "kernel_timeouts", "sock", "timeout")
+
+    def __init__(self, conn: Any, timeout: float | None) -> None:
+        self.conn = conn
+        self.timeout = timeout
+        self.sock: Any = None
+        self.kernel_timeouts = False
+
+    def open(self) -> None:
+        self.conn.connect()  # redis-py: TLS handshake, AUTH, SELECT
+        sock = self.conn._sock
+        self.kernel_timeouts = False
+        if type(sock) is socket.socket and self.timeout is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.timeout))
+                sock.settimeout(None)
+                self.kernel_timeouts = True
+            except (OSError, AttributeError, struct.error):
+                sock.settimeout(self.timeout)
+        self.sock = sock
+
+    def idle_and_sound(self) -> bool:
+        """True unless the server closed it (or sent something unasked) while it was
+        idle: one non-blocking look, no round trip."""
+        sock = self.sock
+        try:
+            if self.kernel_timeouts:
+                sock.recv(1, _PEEK)
+                return False  # EOF (b"") or stray bytes
+            if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                return False
+            readable, _, _ = select.select([sock], [], [], 0)
+            return not readable
+        except BlockingIOError:
+            return True
+        except (OSError, ValueError):
+            return False
+
+    def close(self) -> None:
+        self.sock = None
+        self.conn.disconnect()
+
+    def round_trip(self, payload: bytes, count: int, deadline: float | None) -> list[Any]:
+        """Send ``payload``, read ``count`` answers. Error answers come back in place,
+        except those that mean the connection is unusable (LOADING, auth), raised."""
+        if self.sock is None:
+            self.open()
+        try:
+            self.sock.sendall(payload)
+        except BlockingIOError as exc:
+            raise redis.TimeoutError("timed out writing to the store") from exc
+        except TimeoutError as exc:
+            raise redis.TimeoutError("timed out writing to the store") from exc
+        except OSError as exc:
+            raise redis.ConnectionError(f"error writing to the store: {exc}") from exc
+        if hiredis is not None:
+            return self._read_hiredis(count, deadline)
+        answers: list[Any] = []
+        buf = b""
+        pos = 0
+        while len(answers) < count:
+            try:
+                value, pos = parse_reply(buf, pos) if pos < len(buf) else _need_more()
+            except _Incomplete:
+                buf = buf[pos:] + self._recv(deadline)
+                pos = 0
+                continue
+            if isinstance(value, Exception) and not isinstance(value, ResponseError):
+                raise value
+            answers.append(value)
+        if pos != len(buf):
+            raise redis.exceptions.InvalidResponse("the store sent more than was asked for")
+        return answers
+
+    def _read_hiredis(self, count: int, deadline: float | None) -> list[Any]:
+        reader = hiredis.Reader(replyError=ResponseError)
+        answers: list[Any] = []
+        while len(answers) < count:
+            value = reader.gets()
+            if value is False:
+                reader.feed(self._recv(deadline))
+                continue
+            if isinstance(value, ResponseError):
+                value = _parse_error(str(value))
+                if not isinstance(value, ResponseError):
+                    raise value
+            answers.append(value)
+        if reader.gets() is not False:
+            raise redis.exceptions.InvalidResponse("the store sent more than was asked for")
+        return answers
+
+    def _recv(self, deadline: float | None) -> bytes:
+        sock = self.sock
+        shrunk = None
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise redis.TimeoutError("no time left for this store call")
+            if self.timeout is not None and left < self.timeout:
+                shrunk = left
+                self._set_read_timeout(left)
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, TimeoutError) as exc:
+            raise redis.TimeoutError("timed out reading from the store") from exc
+        except OSError as exc:
+            raise redis.ConnectionError(f"error reading from the store: {exc}") from exc
+        finally:
+            if shrunk is not None and self.sock is not None:
+                self._set_read_timeout(self.timeout)
+        if not data:
+            raise redis.ConnectionError("the store closed the connection")
+        return bytes(data)
+
+    def _set_read_timeout(self, seconds: float | None) -> None:
+        if self.kernel_timeouts:
+            # (a zero timeval would mean "wait forever": never less than a millisecond)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(max(seconds or 0.0, 0.001)))
+        else:
+            self.sock.settimeout(seconds)
+
+
+def _need_more() -> tuple[Any, int]:
+    raise _Incomplete
