@@ -13,6 +13,7 @@ A TLS socket, or a platform without those options, keeps Python's timeout mode.
 
 from __future__ import annotations
 
+import _socket
 import select
 import socket
 import ssl
@@ -91,6 +92,13 @@ def parse_reply(buf: bytes, pos: int) -> tuple[Any, int]:
     raise redis.exceptions.InvalidResponse(f"unknown reply type {bytes([kind])!r}")
 
 
+def _kernel_timeouts_fit(sock: Any) -> bool:
+    """The standard library's own socket (plain TCP or unix), not TLS, and not a gevent
+    or eventlet green socket: those keep the fd non-blocking and wait in their hub, where
+    a blocking socket with kernel timeouts would wait forever."""
+    return isinstance(sock, _socket.socket) and not isinstance(sock, ssl.SSLSocket)
+
+
 def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
@@ -111,7 +119,7 @@ class Wire:
         self.conn.connect()  # redis-py: TLS handshake, AUTH, SELECT
         sock = self.conn._sock
         self.kernel_timeouts = False
-        if type(sock) is socket.socket and self.timeout is not None:
+        if _kernel_timeouts_fit(sock) and self.timeout is not None:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout))
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.timeout))

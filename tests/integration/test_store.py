@@ -312,3 +312,56 @@ def test_plain_tcp_store_connections_block_in_the_kernel_with_its_timeouts(rt_re
     seconds, micros = struct.unpack("ll", wire_.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))
     assert seconds + micros / 1e6 == pytest.approx(2.5, abs=0.01)
     store.close()
+
+
+def test_under_gevent_the_store_keeps_green_sockets_and_its_timeouts(rt_redis_flushed: RedisServer) -> None:
+    """A gevent worker's sockets wait in the hub: they must keep Python's timeout mode
+    (a blocking socket would hang the hub), answer many greenlets at once, and still give
+    up on a silent store within two socket timeouts."""
+    import select
+    import subprocess
+    import sys
+    import textwrap
+
+    from resilient_tasks.testing import FaultProxy
+
+    pytest.importorskip("gevent")
+    with FaultProxy(rt_redis_flushed.port) as proxy:
+        script = textwrap.dedent(f"""
+            from gevent import monkey; monkey.patch_all()
+            import sys, time, gevent
+            from resilient_tasks.errors import StoreUnavailable
+            from resilient_tasks.store import Op, RedisStore
+            store = RedisStore("redis://127.0.0.1:{proxy.port}/1?socket_timeout=1")
+            def op(n):
+                return Op("claim", (store.key("idem", f"g{{n}}"),), ("a", 1000, 60000, "", "t", 1, ""))
+            jobs = [gevent.spawn(store.run, [op(n)]) for n in range(20)]
+            gevent.joinall(jobs, raise_error=True)
+            assert all(job.value[0][0] == b"claimed" for job in jobs), [job.value for job in jobs]
+            assert store._idle and not any(w.kernel_timeouts for w in store._idle)
+            print("READY", flush=True)
+            sys.stdin.readline()
+            started = time.monotonic()
+            try:
+                store.run([op(99)])
+                print("ANSWERED", flush=True)
+            except StoreUnavailable:
+                print("GAVE_UP", round(time.monotonic() - started, 2), flush=True)
+        """)
+        child = subprocess.Popen(
+            [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert child.stdout is not None and child.stdin is not None
+            ready, _, _ = select.select([child.stdout], [], [], 30)
+            assert ready, "the greenlets' calls never finished (a blocking socket in the hub?)"
+            assert child.stdout.readline().strip() == "READY"
+            proxy.blackhole(10)
+            child.stdin.write("go\n")
+            child.stdin.flush()
+            assert child.wait(timeout=30) == 0
+            verdict = child.stdout.readline().split()
+        finally:
+            if child.poll() is None:
+                child.kill()
+        assert verdict[0] == "GAVE_UP" and float(verdict[1]) <= 2.0, verdict
