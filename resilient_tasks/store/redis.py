@@ -27,7 +27,7 @@ from redis.retry import Retry
 
 from ..errors import StoreUnavailable
 from .base import Op
-from .wire import Wire, hiredis
+from .wire import Wire
 
 __all__ = ["RedisStore", "load_scripts", "scripts"]
 
@@ -106,15 +106,8 @@ def _pack_loads(names: Sequence[str]) -> bytes:
 def pack_evalsha(ops: Sequence[Op]) -> bytes:
     """RESP for ``EVALSHA`` per op: our args are only str/int/float, so packing them here
     costs a fraction of redis-py's general packer (the hot path runs it twice per task,
-    for some 50 arguments); hiredis, when installed, packs in C."""
-    if hiredis is not None:
-        try:
-            return b"".join([
-                hiredis.pack_command(("EVALSHA", scripts()[op.script][1], len(op.keys), *op.keys, *op.args))
-                for op in ops
-            ])
-        except TypeError:
-            pass  # (an argument type hiredis refuses: the error below names it)
+    for some 50 arguments). Not hiredis's packer: it writes a float subclass (a numpy
+    float) by its ``repr``, which a script cannot read as a number."""
     parts: list[bytes] = []
     append = parts.append
     for op in ops:
@@ -336,7 +329,8 @@ class RedisStore:
         No health-check PING: it would make opening a connection two round trips, and
         ``Wire`` looks at an idle connection before each use instead."""
         pool = self.client.connection_pool
-        return pool.connection_class(**{**pool.connection_kwargs, "health_check_interval": 0})
+        # RESP2 whatever the URL says: our reader parses the RESP2 our scripts answer in.
+        return pool.connection_class(**{**pool.connection_kwargs, "health_check_interval": 0, "protocol": 2})
 
     def _load(self, names: set[str]) -> None:
         if self.cluster:  # SCRIPT LOAD goes to every primary

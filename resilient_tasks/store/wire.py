@@ -6,18 +6,21 @@ small RESP2 reader do the job. redis-py's general path costs about a round trip'
 CPU per call again on a busy thread pool: a liveness check that toggles the socket's
 timeout three times, a poll before every send and read, and a per-line parser.
 
-A plain socket is kept in blocking mode with kernel timeouts (``SO_RCVTIMEO`` and
-``SO_SNDTIMEO``): each send and each read is one system call, and one release of the GIL.
-A TLS socket, or a platform without those options, keeps Python's timeout mode.
+A plain socket is kept in blocking mode: a send is one system call (bounded by
+``SO_SNDTIMEO``), a read is a ``poll`` for the time left, then one ``recv``. ``poll``
+counts its time down across signals, so a worker that receives signals still gives up on
+time. TLS and gevent/eventlet sockets, and Windows, keep Python's timeout mode.
 """
 
 from __future__ import annotations
 
 import _socket
+import math
 import select
 import socket
 import ssl
 import struct
+import sys
 import time
 from typing import Any
 
@@ -95,11 +98,17 @@ def parse_reply(buf: bytes, pos: int) -> tuple[Any, int]:
 def _kernel_timeouts_fit(sock: Any) -> bool:
     """The standard library's own socket (plain TCP or unix), not TLS, and not a gevent
     or eventlet green socket: those keep the fd non-blocking and wait in their hub, where
-    a blocking socket with kernel timeouts would wait forever."""
-    return isinstance(sock, _socket.socket) and not isinstance(sock, ssl.SSLSocket)
+    a blocking socket would wait forever. Not on Windows (no ``poll``, another timeval)."""
+    return (
+        sys.platform != "win32"
+        and hasattr(select, "poll")
+        and isinstance(sock, _socket.socket)
+        and not isinstance(sock, ssl.SSLSocket)
+    )
 
 
 def _timeval(seconds: float) -> bytes:
+    seconds = max(seconds, 0.001)  # a zero timeval would mean "wait forever"
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
 
@@ -107,13 +116,14 @@ def _timeval(seconds: float) -> bytes:
 class Wire:
     """A connected socket, or nothing yet; opened by the first send."""
 
-    __slots__ = ("conn", "kernel_timeouts", "sock", "timeout")
+    __slots__ = ("conn", "kernel_timeouts", "poller", "sock", "timeout")
 
     def __init__(self, conn: Any, timeout: float | None) -> None:
         self.conn = conn
         self.timeout = timeout
         self.sock: Any = None
         self.kernel_timeouts = False
+        self.poller: Any = None
 
     def open(self) -> None:
         self.conn.connect()  # redis-py: TLS handshake, AUTH, SELECT
@@ -121,9 +131,12 @@ class Wire:
         self.kernel_timeouts = False
         if _kernel_timeouts_fit(sock) and self.timeout is not None:
             try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout))
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.timeout))
+                # (a backstop only: reads wait in ``poll``, which keeps the deadline)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout))
                 sock.settimeout(None)
+                self.poller = select.poll()
+                self.poller.register(sock.fileno(), select.POLLIN)
                 self.kernel_timeouts = True
             except (OSError, AttributeError, struct.error):
                 sock.settimeout(self.timeout)
@@ -137,17 +150,24 @@ class Wire:
             if self.kernel_timeouts:
                 sock.recv(1, _PEEK)
                 return False  # EOF (b"") or stray bytes
-            if isinstance(sock, ssl.SSLSocket) and sock.pending():
-                return False
-            readable, _, _ = select.select([sock], [], [], 0)
-            return not readable
-        except BlockingIOError:
+            if isinstance(sock, ssl.SSLSocket):
+                if sock.pending():
+                    return False
+                return not _readable_now(sock)
+            sock.settimeout(0)  # a green socket: peek without waiting in the hub
+            try:
+                sock.recv(1, socket.MSG_PEEK)
+            finally:
+                sock.settimeout(self.timeout)
+            return False
+        except (BlockingIOError, TimeoutError):
             return True
         except (OSError, ValueError):
             return False
 
     def close(self) -> None:
         self.sock = None
+        self.poller = None
         self.conn.disconnect()
 
     def round_trip(self, payload: bytes, count: int, deadline: float | None) -> list[Any]:
@@ -186,7 +206,10 @@ class Wire:
         reader = hiredis.Reader(replyError=ResponseError)
         answers: list[Any] = []
         while len(answers) < count:
-            value = reader.gets()
+            try:
+                value = reader.gets()
+            except hiredis.HiredisError as exc:
+                raise redis.exceptions.InvalidResponse(f"malformed reply from the store: {exc}") from exc
             if value is False:
                 reader.feed(self._recv(deadline))
                 continue
@@ -200,34 +223,43 @@ class Wire:
         return answers
 
     def _recv(self, deadline: float | None) -> bytes:
-        sock = self.sock
-        shrunk = None
+        """Bytes of the reply: waits the socket timeout at most, never past ``deadline``."""
+        wait = self.timeout
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise redis.TimeoutError("no time left for this store call")
-            if self.timeout is not None and left < self.timeout:
-                shrunk = left
-                self._set_read_timeout(left)
+            wait = left if wait is None else min(wait, left)
+        sock = self.sock
         try:
+            if self.kernel_timeouts:
+                ms = None if wait is None else max(1, math.ceil(wait * 1000))
+                if not self.poller.poll(ms):
+                    raise redis.TimeoutError("timed out reading from the store")
+            elif wait != self.timeout:
+                sock.settimeout(wait)
             data = sock.recv(65536)
         except (BlockingIOError, TimeoutError) as exc:
             raise redis.TimeoutError("timed out reading from the store") from exc
         except OSError as exc:
             raise redis.ConnectionError(f"error reading from the store: {exc}") from exc
         finally:
-            if shrunk is not None and self.sock is not None:
-                self._set_read_timeout(self.timeout)
+            if not self.kernel_timeouts and wait != self.timeout and self.sock is not None:
+                sock.settimeout(self.timeout)
         if not data:
             raise redis.ConnectionError("the store closed the connection")
         return bytes(data)
 
-    def _set_read_timeout(self, seconds: float | None) -> None:
-        if self.kernel_timeouts:
-            # (a zero timeval would mean "wait forever": never less than a millisecond)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(max(seconds or 0.0, 0.001)))
-        else:
-            self.sock.settimeout(seconds)
+
+def _readable_now(sock: Any) -> bool:
+    """Is there something to read (an EOF too)? ``poll`` where there is one: ``select``
+    cannot take a descriptor above 1023, which a busy gevent worker reaches."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    readable, _, _ = select.select([sock], [], [], 0)
+    return bool(readable)
 
 
 def _need_more() -> tuple[Any, int]:

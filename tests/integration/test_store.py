@@ -365,3 +365,31 @@ def test_under_gevent_the_store_keeps_green_sockets_and_its_timeouts(rt_redis_fl
             if child.poll() is None:
                 child.kill()
         assert verdict[0] == "GAVE_UP" and float(verdict[1]) <= 2.0, verdict
+
+
+def test_signals_arriving_while_the_store_is_silent_do_not_extend_the_wait(rt_redis_flushed: RedisServer) -> None:
+    """A signal interrupts a blocked read, and a kernel timeout would start again in full
+    after each one: the store's read waits in ``poll`` for the time left instead."""
+    import signal
+    import time
+
+    from resilient_tasks.testing import FaultProxy
+
+    with FaultProxy(rt_redis_flushed.port) as proxy:
+        store = RedisStore(f"redis://127.0.0.1:{proxy.port}/1?socket_timeout=1")
+        store.run([Op("claim", (store.key("idem", "sig0"),), ("a", 1000, 60_000, "", "t", T0, ""))])
+        ticks: list[float] = []
+        previous = signal.signal(signal.SIGALRM, lambda *_: ticks.append(time.monotonic()))
+        signal.setitimer(signal.ITIMER_REAL, 0.3, 0.3)
+        proxy.blackhole(10)
+        started = time.monotonic()
+        try:
+            with pytest.raises(StoreUnavailable):
+                store.run([Op("claim", (store.key("idem", "sig1"),), ("a", 1000, 60_000, "", "t", T0, ""))])
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0, 0)
+            signal.signal(signal.SIGALRM, previous)
+            proxy.clear()
+            store.close()
+        assert len(ticks) >= 3, "the signals did arrive during the wait"
+        assert time.monotonic() - started <= 2.0
