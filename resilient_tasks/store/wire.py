@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - a redis-py that moved it
         return ResponseError(message)
 
 
-__all__ = ["Wire", "hiredis", "parse_reply"]
+__all__ = ["Wire", "parse_reply"]
 
 _CRLF = b"\r\n"
 _PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
@@ -190,7 +190,9 @@ class Wire:
         pos = 0
         while len(answers) < count:
             try:
-                value, pos = parse_reply(buf, pos) if pos < len(buf) else _need_more()
+                if pos == len(buf):
+                    raise _Incomplete
+                value, pos = parse_reply(buf, pos)
             except _Incomplete:
                 buf = buf[pos:] + self._recv(deadline)
                 pos = 0
@@ -260,7 +262,3 @@ def _readable_now(sock: Any) -> bool:
         return bool(poller.poll(0))
     readable, _, _ = select.select([sock], [], [], 0)
     return bool(readable)
-
-
-def _need_more() -> tuple[Any, int]:
-    raise _Incomplete
