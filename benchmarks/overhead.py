@@ -28,6 +28,10 @@ Why it is built this way:
   does; ``ratio_vs_all_guards`` is its cost over the same guards without a span. A
   global SDK ``MeterProvider`` is set for the whole run, so every ResilientTask variant
   feeds live OTel counters.
+- ``two_trips`` is plain Celery whose body makes two round trips to the store server on
+  a raw blocking socket (``EVALSHA`` of ``return 1``): no key, no parsing, no library.
+  It is the ceiling of any design that spends two store round trips per task, on this
+  machine and this worker; the library's variants are read against it.
 - ``--rejection N`` forces a ``when_open="fail"`` breaker open and runs N tasks: round
   trips per rejected task, and whether the body ran (it must not).
 
@@ -40,6 +44,7 @@ import argparse
 import gc
 import json
 import logging
+import socket
 import statistics
 import sys
 import threading
@@ -55,7 +60,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics as otel_metrics
 from opentelemetry import trace as otel_trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
@@ -166,6 +171,64 @@ def _breaker_rejected(app: Celery, body: Body) -> Task:
     return task_of(app, REJECTED, counted, base=rt.ResilientTask, policy=policy)
 
 
+class RawTrips:
+    """Two store round trips with nothing of the library in between (``two_trips``):
+    one blocking socket per worker thread, a pre-packed request, one ``recv`` each."""
+
+    SCRIPT = b"return 1"
+
+    def __init__(self) -> None:
+        self.address: tuple[str, int] | None = None
+        self.request = b""
+        self._local = threading.local()
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def bind(self, store: RedisServer) -> None:
+        admin = store.client()
+        try:
+            sha = str(admin.script_load(self.SCRIPT)).encode()
+        finally:
+            admin.close()
+        self.address = ("127.0.0.1", store.port)
+        self.request = b"*3\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n$1\r\n0\r\n" % (len(sha), sha)
+
+    def trips(self) -> None:
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            assert self.address is not None, "RawTrips.bind() first"
+            sock = socket.create_connection(self.address)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._local.sock = sock
+            with self._lock:
+                self._sockets.append(sock)
+        for _ in range(2):
+            sock.sendall(self.request)
+            reply = sock.recv(64)
+            if reply != b":1\r\n":
+                raise RuntimeError(f"unexpected store reply {reply!r}")
+        COUNTERS.add("wire", 2)
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self._sockets:
+                sock.close()
+            self._sockets.clear()
+
+
+RAW_TRIPS = RawTrips()
+
+
+def _two_trips(app: Celery, body: Body) -> Task:
+    """Plain Celery plus two raw store round trips in the body (see ``RawTrips``)."""
+
+    def with_trips(n: int) -> int:
+        RAW_TRIPS.trips()
+        return body(n)
+
+    return task_of(app, "two_trips", with_trips)
+
+
 def _plain_control(app: Celery, body: Body) -> Task:
     """A second plain task: its ratio to ``plain`` shows the machine's noise (A/A test)."""
     return task_of(app, "plain_control", body)
@@ -179,9 +242,10 @@ VARIANTS: dict[str, TaskFactory] = {
     "all_guards": _all_guards,
     "all_guards_otel": _all_guards_otel,
     "plain_control": _plain_control,
+    "two_trips": _two_trips,
 }
 #: Run when ``--variants`` is not given.
-DEFAULT_VARIANTS = ("plain", "retry_policy", "idempotency", "breaker", "all_guards",
+DEFAULT_VARIANTS = ("plain", "two_trips", "retry_policy", "idempotency", "breaker", "all_guards",
                     "all_guards_otel")
 #: The variant whose tasks run inside a recording OpenTelemetry span.
 OTEL_VARIANT = "all_guards_otel"
@@ -305,6 +369,8 @@ def counted_outcomes(reader: InMemoryMetricReader) -> dict[str, int]:
                 if metric.name != "resilience.outcomes":
                     continue
                 for point in metric.data.data_points:
+                    if not isinstance(point, NumberDataPoint):
+                        continue
                     attrs = point.attributes or {}
                     key = f"{attrs.get('task')}:{attrs.get('outcome')}"
                     found[key] = found.get(key, 0) + int(point.value)
@@ -342,7 +408,7 @@ def instrument_store() -> Iterator[None]:
         COUNTERS.add("script_loads")
         load(self, names)
 
-    RedisStore._send = counted_send  # type: ignore[method-assign]
+    RedisStore._send = counted_send  # type: ignore[method-assign, assignment]
     RedisStore._load = counted_load  # type: ignore[method-assign]
     Wire.round_trip = counted_trip  # type: ignore[method-assign]
     try:
@@ -455,6 +521,8 @@ class Bench:
                  broker: RedisServer, store: RedisServer) -> None:
         self.settings = settings
         self.variants = list(variants)
+        if "two_trips" in self.variants:
+            RAW_TRIPS.bind(store)
         self.app = Celery("bench", broker=broker.url(0), backend=broker.url(1),
                           set_as_current=False)
         self.app.conf.update(
@@ -485,6 +553,7 @@ class Bench:
     def close(self) -> None:
         if self.spans is not None:
             self.spans.close()
+        RAW_TRIPS.close()
         self.store_admin.close()
         self.results_admin.close()
         self.client.close()
