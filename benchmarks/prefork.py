@@ -22,7 +22,9 @@ from celery import Celery
 
 from resilient_tasks.testing import RedisServer, SubprocessWorker
 
-VARIANTS = ("plain", "idempotency", "breaker", "all_guards")
+#: ``two_trips`` is plain Celery plus two raw store round trips: the ceiling of any design
+#: that spends two round trips per task.
+VARIANTS = ("plain", "two_trips", "idempotency", "breaker", "all_guards")
 
 
 def rate(results: object, expected: int) -> float:

@@ -12,7 +12,7 @@ import functools
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from .keys import digest
 from .policy import BreakerPolicy, RetryBudget
@@ -53,12 +53,38 @@ def _ttl_ms(policy: BreakerPolicy) -> int:
     return max(BREAKER_TTL_MS, int(policy.window * 4000))
 
 
+_TAILS: dict[tuple[int, str, str], tuple[BreakerPolicy, tuple[Any, ...]]] = {}
+
+
+def _tail(script: str, policy: BreakerPolicy, name: str) -> tuple[Any, ...]:
+    """The arguments of ``script`` that depend only on the policy and the name, worked
+    out once per policy object (hashing a policy costs more than this lookup)."""
+    found = _TAILS.get((id(policy), name, script))
+    if found is None or found[0] is not policy:
+        if len(_TAILS) > 4096:
+            _TAILS.clear()
+        if script == "admit":
+            tail: tuple[Any, ...] = (probe_lease_ms(policy), policy.half_open_probes, name, _ttl_ms(policy))
+        else:
+            tail = (
+                policy.failure_rate,
+                policy.min_calls,
+                int(policy.window * 1000),
+                policy.buckets,
+                policy.consecutive_failures or 0,
+                policy.slow_call_rate or 0,
+                int(policy.open_for * 1000),
+                int((policy.open_for_max or 0) * 1000),
+                policy.half_open_probes,
+                name,
+                _ttl_ms(policy),
+            )
+        found = _TAILS[(id(policy), name, script)] = (policy, tail)
+    return found[1]
+
+
 def admit_op(store: Store, name: str, policy: BreakerPolicy, owner: str, now_ms: int = 0) -> Op:
-    return Op(
-        "admit",
-        (breaker_key(store, name),),
-        (now_ms, owner, probe_lease_ms(policy), policy.half_open_probes, name, _ttl_ms(policy)),
-    )
+    return Op("admit", (breaker_key(store, name),), (now_ms, owner, *_tail("admit", policy, name)))
 
 
 def record_op(
@@ -75,24 +101,7 @@ def record_op(
     return Op(
         "record",
         (breaker_key(store, name),),
-        (
-            now_ms,
-            owner,
-            outcome,
-            int(probe),
-            int(first_attempt),
-            policy.failure_rate,
-            policy.min_calls,
-            int(policy.window * 1000),
-            policy.buckets,
-            policy.consecutive_failures or 0,
-            policy.slow_call_rate or 0,
-            int(policy.open_for * 1000),
-            int((policy.open_for_max or 0) * 1000),
-            policy.half_open_probes,
-            name,
-            _ttl_ms(policy),
-        ),
+        (now_ms, owner, outcome, int(probe), int(first_attempt), *_tail("record", policy, name)),
     )
 
 
@@ -113,9 +122,8 @@ def spend_retry_op(
     )
 
 
-@dataclass(frozen=True)
-class Admission:
-    """The breaker's answer before a call."""
+class Admission(NamedTuple):
+    """The breaker's answer before a call (immutable; a tuple, built on every call)."""
 
     verdict: str  # allow | probe | reject
     state: str

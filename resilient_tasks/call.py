@@ -51,7 +51,7 @@ class ClaimHandle:
 EndCallback = Callable[[Any], None]
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """A single execution: arguments, policy, deadline, and the two store batches."""
 
@@ -75,6 +75,9 @@ class Call:
     finalizers: list[Callable[[Call, BaseException | None], None]] = field(default_factory=list)
     breaker_owner: str = ""
     fallback_key: str | None = None
+    #: The arguments by name, once a guard has bound them (the others reuse them).
+    named: dict[str, Any] | None = None
+    celery_request: Any = None
     fallback_prefetched: bool = False
     lease_s: float | None = None
     epoch_seen: bool = False
@@ -120,7 +123,10 @@ class Call:
 
     @property
     def request(self) -> Any:
-        return self.task.request
+        """The Celery request of this execution (looked up once: a thread-local stack)."""
+        if self.celery_request is None:
+            self.celery_request = self.task.request
+        return self.celery_request
 
     @property
     def attempt(self) -> int:

@@ -58,9 +58,12 @@ def owner_id() -> str:
     return _OWNERS.next()
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), default=repr, ensure_ascii=False)
+
+
 def canonical(value: Any) -> str:
     """Stable JSON text of ``value``: sorted keys, no spaces, unknown types by ``repr``."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=repr, ensure_ascii=False)
+    return _CANONICAL.encode(value)
 
 
 def digest(*parts: str) -> str:

@@ -98,6 +98,7 @@ class Runtime:
         self._next_check = 0.0
         self._refused_mtime: float | None = None
         self._local_breakers: dict[str, LocalBreaker] = {}
+        self._epoch_keys: tuple[Store, tuple[str, ...]] | None = None
 
     # -- the epoch: noticing a store that lost its data ----------------------------------
 
@@ -106,7 +107,11 @@ class Runtime:
         if not self.epoch_guard:
             return ()
         store = self.store
-        return (store.key("meta", "epoch"), store.key("meta", "epoch", "amnesia"))
+        cached = self._epoch_keys
+        if cached is None or cached[0] is not store:
+            keys = (store.key("meta", "epoch"), store.key("meta", "epoch", "amnesia"))
+            cached = self._epoch_keys = (store, keys)
+        return cached[1]
 
     def reset_epoch(self, *, seen_before: bool) -> tuple[bool, int]:
         """Create the epoch marker; if this process had seen one, declare amnesia."""

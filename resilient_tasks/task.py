@@ -40,18 +40,25 @@ _BREAKER = BreakerGuard()
 _FALLBACK = FALLBACK_GUARD
 
 
-_CHAINS: dict[int, tuple[TaskPolicy, tuple[Callable[..., Any], ...]]] = {}
+Chain = tuple[Callable[..., Any], ...]
+_CHAINS: dict[int, tuple[TaskPolicy, Chain, Chain]] = {}
 
 
-def guards_for(policy: TaskPolicy) -> tuple[Callable[..., Any], ...]:
+def guards_for(policy: TaskPolicy) -> Chain:
     """The chain for ``policy``, built once per policy object (hashing a nested frozen
     policy on every call would cost more than the lookup saves)."""
+    return _chain_entry(policy)[1]
+
+
+def _chain_entry(policy: TaskPolicy) -> tuple[TaskPolicy, Chain, Chain]:
+    """The policy, its chain, and the chain's guards that add ops to ``begin``."""
     found = _CHAINS.get(id(policy))
     if found is None or found[0] is not policy:
         if len(_CHAINS) > 4096:
             _CHAINS.clear()
-        found = _CHAINS[id(policy)] = (policy, build_chain(policy))
-    return found[1]
+        chain = build_chain(policy)
+        found = _CHAINS[id(policy)] = (policy, chain, tuple(g for g in chain if hasattr(g, "prepare")))
+    return found
 
 
 def build_chain(policy: TaskPolicy) -> tuple[Callable[..., Any], ...]:
@@ -145,9 +152,9 @@ class ResilientTask(Task):  # type: ignore[misc]
             kwargs=dict(kwargs),
             headers=headers,
             deadline=_deadline(headers, request, policy, runtime.clock()),
+            celery_request=request,
         )
-        guards = guards_for(policy)
-        call.preparers = tuple(g for g in guards if hasattr(g, "prepare"))
+        _, guards, call.preparers = _chain_entry(policy)
         token = current_call.set(call)
         try:
             result = run_chain(guards, call, _body)

@@ -31,7 +31,9 @@ def _key(call: Call) -> str:
     policy = call.policy.fallback
     assert policy is not None
     if call.fallback_key is None:
-        material = key_material(policy.key, call.task.run, call.args, call.kwargs, call.request.id)
+        material = key_material(
+            policy.key, call.task.run, call.args, call.kwargs, call.request.id, call.named
+        )
         call.fallback_key = call.runtime.store.key("fb", digest(call.task.name, material))
     return call.fallback_key
 

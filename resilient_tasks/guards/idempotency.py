@@ -54,8 +54,21 @@ def task_lease(task: Any, app: Any, policy: IdempotencyPolicy) -> float:
     return float(limit) if limit else DEFAULT_LEASE
 
 
+_LEASES: dict[tuple[int, int], tuple[Any, IdempotencyPolicy, float]] = {}
+
+
 def lease_seconds(call: Call, policy: IdempotencyPolicy) -> float:
-    return task_lease(call.task, call.task.app, policy)
+    """``task_lease``, worked out once per task and policy (the app's setting is read
+    through Celery's layered config, a measurable share of a claim's cost)."""
+    if policy.lease is not None:
+        return policy.lease
+    task = call.task
+    found = _LEASES.get((id(task), id(policy)))
+    if found is None or found[0] is not task or found[1] is not policy:
+        if len(_LEASES) > 4096:
+            _LEASES.clear()
+        found = _LEASES[(id(task), id(policy))] = (task, policy, task_lease(task, task.app, policy))
+    return found[2]
 
 
 class _NotClaimed(BaseException):
@@ -88,7 +101,7 @@ class IdempotencyGuard:
         named: dict[str, Any] | None = None
         if policy.fingerprint or not (policy.key == "message" or callable(policy.key)):
             try:
-                named = bind_arguments(run, call.args, call.kwargs)
+                named = call.named = bind_arguments(run, call.args, call.kwargs)
             except IdempotencyKeyError:
                 if policy.key != "message" and not callable(policy.key):
                     raise

@@ -8,15 +8,14 @@ guard's reads into one ``begin`` trip and every write into one ``end`` trip.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 __all__ = ["Op", "Store", "as_text"]
 
 
-@dataclass(frozen=True)
-class Op:
-    """One script call: ``keys`` must share a hash slot (one ``{tag}``)."""
+class Op(NamedTuple):
+    """One script call: ``keys`` must share a hash slot (one ``{tag}``). Immutable; a
+    tuple, not a frozen dataclass, because a task builds several per call."""
 
     script: str
     keys: tuple[str, ...]

@@ -193,6 +193,8 @@ class RedisStore:
         return self._timeout
 
     def key(self, kind: str, tag: str, *suffix: str) -> str:
+        if not suffix:
+            return f"{self.prefix}:{kind}:{{{tag}}}"
         tail = "".join(f":{part}" for part in suffix)
         return f"{self.prefix}:{kind}:{{{tag}}}{tail}"
 
