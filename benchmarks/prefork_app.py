@@ -15,7 +15,8 @@ app = Celery("prefork-bench", broker=os.environ["BENCH_BROKER"], backend=os.envi
 app.conf.update(
     worker_prefetch_multiplier=4,
     broker_connection_retry_on_startup=True,
-    broker_transport_options={"visibility_timeout": 3600},
+    # polling_interval: a queue added by add_consumer is polled from the next BRPOP
+    broker_transport_options={"visibility_timeout": 3600, "polling_interval": 0.05},
     result_expires=600,
     worker_hijack_root_logger=False,
 )

@@ -12,7 +12,6 @@ store is back replays the result instead of running the body a second time.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 
 from .call import ClaimHandle
 from .errors import StoreUnavailable
+from .process import current_pid
 from .store.base import Op, Store
 
 __all__ = ["Heartbeat"]
@@ -57,6 +57,8 @@ class Heartbeat:
         self._wake = threading.Event()
         self._pid = -1
         self._thread: threading.Thread | None = None
+        #: Until when the thread is taken to be alive without asking (a lock per look).
+        self._alive_until = 0.0
         self._planned_wake = 0.0
 
     def track(self, claim: ClaimHandle, lease_ms: int, ttl_ms: int) -> None:
@@ -89,17 +91,21 @@ class Heartbeat:
             self._leases.pop(id(claim), None)
 
     def _ensure_thread(self) -> None:
-        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+        now = time.monotonic()
+        pid = current_pid()
+        if self._pid == pid and now < self._alive_until:
             return
         with self._lock:
-            if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
-                return  # another thread started it meanwhile
-            if self._pid != os.getpid():  # forked: the parent's leases are not ours
+            if self._pid == pid and self._thread is not None and self._thread.is_alive():
+                self._alive_until = now + 1.0
+                return  # running (or another thread started it meanwhile)
+            if self._pid != pid:  # forked: the parent's leases are not ours
                 self._leases.clear()
                 self._pending.clear()
-            self._pid = os.getpid()
+            self._pid = pid
             self._thread = threading.Thread(target=self._loop, name="rt-heartbeat", daemon=True)
             self._thread.start()
+            self._alive_until = now + 1.0
 
     def _loop(self) -> None:
         while True:

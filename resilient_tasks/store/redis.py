@@ -26,6 +26,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.retry import Retry
 
 from ..errors import StoreUnavailable
+from ..process import current_pid
 from .base import Op
 from .wire import Wire
 
@@ -314,9 +315,9 @@ class RedisStore:
         and it holds at most as many connections as calls ever ran at once, whatever the
         pool (threads, greenlets). A connection the server closed while it sat idle is
         noticed here and opened again by the send (one non-blocking look, no trip)."""
-        if self._pid != os.getpid():  # forked: the parent's sockets are not ours
+        if self._pid != current_pid():  # forked: the parent's sockets are not ours
             self._idle = collections.deque()
-            self._pid = os.getpid()
+            self._pid = current_pid()
         try:
             wire = self._idle.pop()
         except IndexError:
