@@ -50,7 +50,6 @@ except ImportError:  # pragma: no cover - a redis-py that moved it
 __all__ = ["Wire", "parse_reply"]
 
 _CRLF = b"\r\n"
-_PEEK = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 
 class _Incomplete(Exception):
@@ -146,10 +145,14 @@ class Wire:
         """True unless the server closed it (or sent something unasked) while it was
         idle: one non-blocking look, no round trip."""
         sock = self.sock
+        if self.kernel_timeouts:
+            # EOF, a reset or stray bytes all wake ``poll``; nothing at all is the one
+            # sound answer (a ``poll`` rather than a peek: no exception on the good path).
+            try:
+                return not self.poller.poll(0)
+            except (OSError, ValueError):
+                return False
         try:
-            if self.kernel_timeouts:
-                sock.recv(1, _PEEK)
-                return False  # EOF (b"") or stray bytes
             if isinstance(sock, ssl.SSLSocket):
                 if sock.pending():
                     return False
