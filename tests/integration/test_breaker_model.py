@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +26,8 @@ policies = st.builds(
     window=st.sampled_from([2.0, 5.0, 10.0]),
     buckets=st.integers(1, 5),
     consecutive_failures=st.none() | st.integers(1, 4),
+    slow_call=st.just(1.0),  # outcomes below say "slow" themselves
+    slow_call_rate=st.none() | st.sampled_from([0.5, 1.0]),
     open_for=st.sampled_from([1.0, 2.0]),
     open_for_max=st.none() | st.just(6.0),
     half_open_probes=st.integers(1, 3),
@@ -41,7 +44,7 @@ steps = st.lists(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(policy=policies, sequence=steps)
 def test_script_and_model_make_the_same_decisions(
     rt_redis: RedisServer, policy: BreakerPolicy, sequence: list[tuple[str, int, str, int, bool]]
@@ -87,3 +90,32 @@ def test_script_and_model_make_the_same_decisions(
 
 def _state(answer: list[Any]) -> tuple[str, bool, int]:
     return answer[0].decode(), bool(int(answer[1])), int(answer[2])
+
+
+@pytest.mark.parametrize("bad", ["fail", "slow"])
+def test_a_success_trips_the_breaker_once_older_successes_leave_the_window(
+    rt_redis: RedisServer, bad: str
+) -> None:
+    """The script skips reading the window for a success when no failure (slow call) is
+    inside it; here one is, and the success that drops the old successes out of the window
+    must trip the breaker in the script exactly as in the model."""
+    if bad == "fail":
+        policy = BreakerPolicy(failure_rate=0.5, min_calls=2, window=2.0, buckets=2)
+    else:
+        policy = BreakerPolicy(failure_rate=1.0, min_calls=2, window=2.0, buckets=2,
+                               slow_call=1.0, slow_call_rate=0.5)
+    store = RedisStore(rt_redis.url(4), prefix="model-window")
+    store.client.flushdb()
+    model = LocalBreaker(policy)
+    seen = []
+    try:
+        for outcome, now in [("ok", T0), ("ok", T0), ("ok", T0), (bad, T0 + 1000), ("ok", T0 + 2000)]:
+            op = record_op(store, "svc", policy, "o", outcome, probe=False, first_attempt=True, now_ms=now)
+            (answer,) = store.run([op])
+            transitioned = model.record("o", outcome, probe=False, first_attempt=True, now=now)
+            assert _state(answer) == (model.state, transitioned, model.consec)
+            seen.append(_state(answer)[:2])
+    finally:
+        store.close()
+    assert seen[:4] == [("closed", False)] * 4  # 1 of 4 calls bad: under the rate
+    assert seen[4] == ("open", True)  # 1 of the 2 calls left in the window: at the rate

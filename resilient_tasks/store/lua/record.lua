@@ -16,7 +16,7 @@ local max_consec, slow_rate = tonumber(ARGV[10]), tonumber(ARGV[11])
 local open_for, open_max, probes = tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
 local ttl = tonumber(ARGV[16])
 
-local rec = redis.call('HMGET', key, 'state', 'consec', 'open_count', 'ho_ok', 'switch')
+local rec = redis.call('HMGET', key, 'state', 'consec', 'open_count', 'ho_ok', 'switch', 'lf', 'ls')
 local state = rec[1] or 'closed'
 local consec = tonumber(rec[2]) or 0
 local open_count = tonumber(rec[3]) or 0
@@ -53,7 +53,23 @@ if outcome ~= 'none' then
   if slow then redis.call('HINCRBY', key, 's' .. slot, 1) end
   if first then redis.call('HINCRBY', key, 'a' .. slot, 1) end
   if failed then consec = consec + 1 else consec = 0 end
-  redis.call('HSET', key, 'consec', consec, 'window_ms', window, 'nb', nb)
+  -- lf/ls: the latest interval that counted a failure/slow call. A success while neither
+  -- is inside the window cannot trip the breaker (no failures means a rate of 0, below
+  -- any failure_rate > 0), so it skips reading the whole window.
+  local last_fail, last_slow = tonumber(rec[6]) or -1, tonumber(rec[7]) or -1
+  local fields = {'consec', consec, 'window_ms', window, 'nb', nb}
+  if failed then
+    last_fail = math.max(last_fail, idx)
+    fields[#fields + 1] = 'lf'
+    fields[#fields + 1] = last_fail
+  end
+  if slow then
+    last_slow = math.max(last_slow, idx)
+    fields[#fields + 1] = 'ls'
+    fields[#fields + 1] = last_slow
+  end
+  redis.call('HSET', key, unpack(fields))
+  local may_trip = failed or slow or last_fail > idx - nb or (slow_rate > 0 and last_slow > idx - nb)
 
   if switch == 'breaker_disabled' or switch == 'forced_open' or switch == 'forced_closed' then
     -- an operator holds the state: count, but make no transition
@@ -73,7 +89,7 @@ if outcome ~= 'none' then
         transitioned = 1
       end
     end
-  elseif state == 'closed' then
+  elseif state == 'closed' and may_trip then
     -- one HMGET for the whole window instead of four HGETs per bucket
     local names = {}
     for s = 0, nb - 1 do
