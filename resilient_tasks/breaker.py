@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .keys import digest
+from .memo import PerObject
 from .policy import BreakerPolicy, RetryBudget
 from .store.base import Op, Store, as_text
 
@@ -53,38 +54,30 @@ def _ttl_ms(policy: BreakerPolicy) -> int:
     return max(BREAKER_TTL_MS, int(policy.window * 4000))
 
 
-_TAILS: dict[tuple[int, str, str], tuple[BreakerPolicy, tuple[Any, ...]]] = {}
+def _work_out_tail(policy: BreakerPolicy, name: str, script: str) -> tuple[Any, ...]:
+    """The arguments of ``script`` that depend only on the policy and the name."""
+    if script == "admit":
+        return (probe_lease_ms(policy), policy.half_open_probes, name, _ttl_ms(policy))
+    return (
+        policy.failure_rate,
+        policy.min_calls,
+        int(policy.window * 1000),
+        policy.buckets,
+        policy.consecutive_failures or 0,
+        policy.slow_call_rate or 0,
+        int(policy.open_for * 1000),
+        int((policy.open_for_max or 0) * 1000),
+        policy.half_open_probes,
+        name,
+        _ttl_ms(policy),
+    )
 
 
-def _tail(script: str, policy: BreakerPolicy, name: str) -> tuple[Any, ...]:
-    """The arguments of ``script`` that depend only on the policy and the name, worked
-    out once per policy object (hashing a policy costs more than this lookup)."""
-    found = _TAILS.get((id(policy), name, script))
-    if found is None or found[0] is not policy:
-        if len(_TAILS) > 4096:
-            _TAILS.clear()
-        if script == "admit":
-            tail: tuple[Any, ...] = (probe_lease_ms(policy), policy.half_open_probes, name, _ttl_ms(policy))
-        else:
-            tail = (
-                policy.failure_rate,
-                policy.min_calls,
-                int(policy.window * 1000),
-                policy.buckets,
-                policy.consecutive_failures or 0,
-                policy.slow_call_rate or 0,
-                int(policy.open_for * 1000),
-                int((policy.open_for_max or 0) * 1000),
-                policy.half_open_probes,
-                name,
-                _ttl_ms(policy),
-            )
-        found = _TAILS[(id(policy), name, script)] = (policy, tail)
-    return found[1]
+_tail = PerObject(_work_out_tail)
 
 
 def admit_op(store: Store, name: str, policy: BreakerPolicy, owner: str, now_ms: int = 0) -> Op:
-    return Op("admit", (breaker_key(store, name),), (now_ms, owner, *_tail("admit", policy, name)))
+    return Op("admit", (breaker_key(store, name),), (now_ms, owner, *_tail(policy, name, "admit")))
 
 
 def record_op(
@@ -101,7 +94,7 @@ def record_op(
     return Op(
         "record",
         (breaker_key(store, name),),
-        (now_ms, owner, outcome, int(probe), int(first_attempt), *_tail("record", policy, name)),
+        (now_ms, owner, outcome, int(probe), int(first_attempt), *_tail(policy, name, "record")),
     )
 
 

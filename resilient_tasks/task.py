@@ -25,6 +25,7 @@ from .guards.deadline import deadline_guard
 from .guards.fallback import _GUARD as FALLBACK_GUARD
 from .guards.idempotency import DEFAULT_LEASE, DURABLE_SCRIPTS, IdempotencyGuard
 from .guards.retry import retry_guard
+from .memo import PerObject
 from .policy import TaskPolicy
 from .runtime import check_visibility_timeout, parse_expires, runtime_for
 from .telemetry import telemetry_guard
@@ -41,24 +42,20 @@ _FALLBACK = FALLBACK_GUARD
 
 
 Chain = tuple[Callable[..., Any], ...]
-_CHAINS: dict[int, tuple[TaskPolicy, Chain, Chain]] = {}
+
+
+def _chains(policy: TaskPolicy) -> tuple[Chain, Chain]:
+    """The chain for ``policy``, and its guards that add ops to ``begin``."""
+    chain = build_chain(policy)
+    return chain, tuple(g for g in chain if hasattr(g, "prepare"))
+
+
+_chain_entry = PerObject(_chains)
 
 
 def guards_for(policy: TaskPolicy) -> Chain:
-    """The chain for ``policy``, built once per policy object (hashing a nested frozen
-    policy on every call would cost more than the lookup saves)."""
-    return _chain_entry(policy)[1]
-
-
-def _chain_entry(policy: TaskPolicy) -> tuple[TaskPolicy, Chain, Chain]:
-    """The policy, its chain, and the chain's guards that add ops to ``begin``."""
-    found = _CHAINS.get(id(policy))
-    if found is None or found[0] is not policy:
-        if len(_CHAINS) > 4096:
-            _CHAINS.clear()
-        chain = build_chain(policy)
-        found = _CHAINS[id(policy)] = (policy, chain, tuple(g for g in chain if hasattr(g, "prepare")))
-    return found
+    """The chain for ``policy``, built once per policy object."""
+    return _chain_entry(policy)[0]
 
 
 def build_chain(policy: TaskPolicy) -> tuple[Callable[..., Any], ...]:
@@ -154,7 +151,7 @@ class ResilientTask(Task):  # type: ignore[misc]
             deadline=_deadline(headers, request, policy, runtime.clock()),
             celery_request=request,
         )
-        _, guards, call.preparers = _chain_entry(policy)
+        guards, call.preparers = _chain_entry(policy)
         token = current_call.set(call)
         try:
             result = run_chain(guards, call, _body)

@@ -24,6 +24,7 @@ from ..errors import (
     StoreUnavailable,
 )
 from ..keys import bind_arguments, digest, fingerprint, key_material, owner_id
+from ..memo import PerObject
 from ..policy import IdempotencyPolicy
 from ..schedule import defer
 from ..store.base import Op, as_text
@@ -54,21 +55,15 @@ def task_lease(task: Any, app: Any, policy: IdempotencyPolicy) -> float:
     return float(limit) if limit else DEFAULT_LEASE
 
 
-_LEASES: dict[tuple[int, int], tuple[Any, IdempotencyPolicy, float]] = {}
+_leases = PerObject(lambda policy, task: task_lease(task, task.app, policy))
 
 
 def lease_seconds(call: Call, policy: IdempotencyPolicy) -> float:
-    """``task_lease``, worked out once per task and policy (the app's setting is read
+    """``task_lease``, worked out once per policy and task (the app's setting is read
     through Celery's layered config, a measurable share of a claim's cost)."""
     if policy.lease is not None:
         return policy.lease
-    task = call.task
-    found = _LEASES.get((id(task), id(policy)))
-    if found is None or found[0] is not task or found[1] is not policy:
-        if len(_LEASES) > 4096:
-            _LEASES.clear()
-        found = _LEASES[(id(task), id(policy))] = (task, policy, task_lease(task, task.app, policy))
-    return found[2]
+    return _leases(policy, call.task)
 
 
 class _NotClaimed(BaseException):
