@@ -44,7 +44,6 @@ import argparse
 import gc
 import json
 import logging
-import socket
 import statistics
 import sys
 import threading
@@ -69,6 +68,8 @@ from resilient_tasks.store.base import Op
 from resilient_tasks.store.redis import RedisStore
 from resilient_tasks.store.wire import Wire
 from resilient_tasks.testing import RedisServer, in_process_worker
+
+from .rawtrips import RawTrips
 
 Body = Callable[[int], int]
 #: Registers a task ``(n: int) -> int`` named ``bench.<variant>`` that returns ``body(n)``.
@@ -171,59 +172,16 @@ def _breaker_rejected(app: Celery, body: Body) -> Task:
     return task_of(app, REJECTED, counted, base=rt.ResilientTask, policy=policy)
 
 
-class RawTrips:
-    """Two store round trips with nothing of the library in between (``two_trips``):
-    one blocking socket per worker thread, a pre-packed request, one ``recv`` each."""
-
-    SCRIPT = b"return 1"
-
-    def __init__(self) -> None:
-        self.address: tuple[str, int] | None = None
-        self.request = b""
-        self._local = threading.local()
-        self._sockets: list[socket.socket] = []
-        self._lock = threading.Lock()
-
-    def bind(self, store: RedisServer) -> None:
-        admin = store.client()
-        try:
-            sha = str(admin.script_load(self.SCRIPT)).encode()
-        finally:
-            admin.close()
-        self.address = ("127.0.0.1", store.port)
-        self.request = b"*3\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n$1\r\n0\r\n" % (len(sha), sha)
-
-    def trips(self) -> None:
-        sock = getattr(self._local, "sock", None)
-        if sock is None:
-            assert self.address is not None, "RawTrips.bind() first"
-            sock = socket.create_connection(self.address)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self._local.sock = sock
-            with self._lock:
-                self._sockets.append(sock)
-        for _ in range(2):
-            sock.sendall(self.request)
-            reply = sock.recv(64)
-            if reply != b":1\r\n":
-                raise RuntimeError(f"unexpected store reply {reply!r}")
-        COUNTERS.add("wire", 2)
-
-    def close(self) -> None:
-        with self._lock:
-            for sock in self._sockets:
-                sock.close()
-            self._sockets.clear()
-
-
-RAW_TRIPS = RawTrips()
+#: Bound to the store server by ``Bench`` (``two_trips``).
+RAW_TRIPS: list[RawTrips] = []
 
 
 def _two_trips(app: Celery, body: Body) -> Task:
     """Plain Celery plus two raw store round trips in the body (see ``RawTrips``)."""
 
     def with_trips(n: int) -> int:
-        RAW_TRIPS.trips()
+        RAW_TRIPS[0].trips()
+        COUNTERS.add("wire", 2)
         return body(n)
 
     return task_of(app, "two_trips", with_trips)
@@ -262,6 +220,17 @@ def make_body(sleep_ms: float) -> Body:
         return n + 1
 
     return body
+
+
+def orders(variants: Sequence[str], rounds: int) -> Iterator[list[str]]:
+    """Variant order per round: rotated each round, reversed after each full rotation,
+    so over ``2 * len(variants)`` rounds each variant is first, and follows each other
+    variant, equally often."""
+    size = len(variants)
+    for index in range(rounds):
+        shift = index % size
+        order = list(variants[shift:]) + list(variants[:shift])
+        yield order[::-1] if (index // size) % 2 else order
 
 
 class Counters:
@@ -522,7 +491,7 @@ class Bench:
         self.settings = settings
         self.variants = list(variants)
         if "two_trips" in self.variants:
-            RAW_TRIPS.bind(store)
+            RAW_TRIPS[:] = [RawTrips("127.0.0.1", store.port)]
         self.app = Celery("bench", broker=broker.url(0), backend=broker.url(1),
                           set_as_current=False)
         self.app.conf.update(
@@ -553,7 +522,8 @@ class Bench:
     def close(self) -> None:
         if self.spans is not None:
             self.spans.close()
-        RAW_TRIPS.close()
+        for raw in RAW_TRIPS:
+            raw.close()
         self.store_admin.close()
         self.results_admin.close()
         self.client.close()
@@ -627,14 +597,7 @@ class Bench:
         return sample
 
     def orders(self) -> Iterator[list[str]]:
-        """Variant order per round: rotated each round, reversed after each full rotation,
-        so over ``2 * len(variants)`` rounds each variant is first, and follows each other
-        variant, equally often."""
-        size = len(self.variants)
-        for index in range(self.settings.rounds):
-            shift = index % size
-            order = self.variants[shift:] + self.variants[:shift]
-            yield order[::-1] if (index // size) % 2 else order
+        return orders(self.variants, self.settings.rounds)
 
     def run(self) -> tuple[list[Sample], dict[str, Any] | None]:
         """A discarded warm-up pass, then ``rounds`` interleaved rounds, then (with

@@ -24,13 +24,15 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from celery import Celery
 
 from resilient_tasks.testing import RedisServer, SubprocessWorker
+
+from .overhead import orders
 
 #: ``two_trips`` is plain Celery plus two raw store round trips: the ceiling of any design
 #: that spends two round trips per task.
@@ -83,15 +85,6 @@ def worker_cpu(parent: int) -> tuple[float, float]:
 def redis_cpu(client: Any) -> float:
     info = client.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-
-
-def orders(variants: Sequence[str], rounds: int) -> Iterator[list[str]]:
-    """Rotated each round, reversed after each full rotation (as ``overhead`` does)."""
-    size = len(variants)
-    for index in range(rounds):
-        shift = index % size
-        order = list(variants[shift:]) + list(variants[:shift])
-        yield order[::-1] if (index // size) % 2 else order
 
 
 class Run:

@@ -4,12 +4,13 @@ variants, served by ``celery worker`` in its own process (Celery's default prefo
 from __future__ import annotations
 
 import os
-import socket
 from urllib.parse import urlsplit
 
 from celery import Celery
 
 import resilient_tasks as rt
+
+from .rawtrips import RawTrips
 
 app = Celery("prefork-bench", broker=os.environ["BENCH_BROKER"], backend=os.environ["BENCH_BACKEND"])
 app.conf.update(
@@ -49,33 +50,8 @@ for _variant, _policy in POLICIES.items():
     _register(_variant, _policy)
 
 
-class _RawTrips:
-    """``two_trips``: plain Celery plus two store round trips on a raw socket (one per
-    pool process), the ceiling of any two-trip design (see ``overhead.RawTrips``)."""
-
-    def __init__(self, url: str) -> None:
-        parts = urlsplit(url)
-        self.address = (parts.hostname or "127.0.0.1", parts.port or 6379)
-        self.sock: socket.socket | None = None
-        self.pid = 0
-        self.request = b""
-
-    def trips(self) -> None:
-        if self.sock is None or self.pid != os.getpid():
-            self.sock = socket.create_connection(self.address)
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.pid = os.getpid()
-            self.sock.sendall(b"*3\r\n$6\r\nSCRIPT\r\n$4\r\nLOAD\r\n$8\r\nreturn 1\r\n")
-            sha = self.sock.recv(128).split(b"\r\n")[1]
-            self.request = b"*3\r\n$7\r\nEVALSHA\r\n$%d\r\n%s\r\n$1\r\n0\r\n" % (len(sha), sha)
-        for _ in range(2):
-            self.sock.sendall(self.request)
-            reply = self.sock.recv(64)
-            if reply != b":1\r\n":
-                raise RuntimeError(f"unexpected store reply {reply!r}")
-
-
-_RAW = _RawTrips(os.environ["BENCH_STORE"])
+_store = urlsplit(os.environ["BENCH_STORE"])
+_RAW = RawTrips(_store.hostname or "127.0.0.1", _store.port or 6379)
 
 
 def _two_trips(n: int) -> int:
