@@ -48,7 +48,9 @@ class ClaimHandle:
             raise ClaimLost(f"idempotency claim (token {self.token}) was taken over")
 
 
-EndCallback = Callable[[Any], None]
+#: Reads the store's answer to one ``end`` op: ``(call, answer)``. It is handed the call
+#: rather than closing over it, so a call holds no reference cycle through its ops.
+EndCallback = Callable[["Call", Any], None]
 
 
 @dataclass(slots=True)

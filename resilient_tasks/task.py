@@ -19,7 +19,7 @@ from celery import Task
 from .breaker import Admission
 from .call import DEADLINE_HEADER, Call, ClaimHandle, current_call
 from .errors import PolicyError, StoreUnavailable
-from .guards import run_chain
+from .guards import link
 from .guards.breaker import BreakerGuard, downstream_call
 from .guards.deadline import deadline_guard
 from .guards.fallback import _GUARD as FALLBACK_GUARD
@@ -44,10 +44,11 @@ _FALLBACK = FALLBACK_GUARD
 Chain = tuple[Callable[..., Any], ...]
 
 
-def _chains(policy: TaskPolicy) -> tuple[Chain, Chain]:
-    """The chain for ``policy``, and its guards that add ops to ``begin``."""
+def _chains(policy: TaskPolicy) -> tuple[Chain, Chain, Callable[[Call], Any]]:
+    """The chain for ``policy``, its guards that add ops to ``begin``, and the chain
+    linked around the body."""
     chain = build_chain(policy)
-    return chain, tuple(g for g in chain if hasattr(g, "prepare"))
+    return chain, tuple(g for g in chain if hasattr(g, "prepare")), link(chain, _body)
 
 
 _chain_entry = PerObject(_chains)
@@ -151,10 +152,10 @@ class ResilientTask(Task):  # type: ignore[misc]
             deadline=_deadline(headers, request, policy, runtime.clock()),
             celery_request=request,
         )
-        guards, call.preparers = _chain_entry(policy)
+        _, call.preparers, chain = _chain_entry(policy)
         token = current_call.set(call)
         try:
-            result = run_chain(guards, call, _body)
+            result = chain(call)
         except BaseException as exc:
             _finish(call, failed=True)
             _report(call, exc)
@@ -247,9 +248,9 @@ def _finish(call: Call, *, failed: bool) -> None:
         if callback is None:
             continue
         if not failed:
-            callback(answer)
+            callback(call, answer)
             continue
         try:  # the call already failed: a callback must not hide that error
-            callback(answer)
+            callback(call, answer)
         except Exception as exc:
             log.warning("after a failed call, reading the store's answer failed: %s", exc)

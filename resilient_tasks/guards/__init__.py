@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from ..call import Call
 from ..store.base import Op
 
-__all__ = ["PASS_THROUGH", "Guard", "Next", "run_chain"]
+__all__ = ["PASS_THROUGH", "Guard", "Next", "link", "run_chain"]
 
 Next = Callable[[Call], Any]
 
@@ -29,22 +29,34 @@ class Preparing(Protocol):
     def abandon(self, call: Call) -> list[Op]: ...
 
 
+def link(guards: Sequence[Guard], body: Next) -> Next:
+    """``guards`` around ``body`` as one callable ``(call) -> result``, built once per
+    chain: it holds no call, so a call leaves no reference cycle behind it (the cyclic
+    garbage collector, not reference counting, would have to free it)."""
+    following = body
+    for guard in reversed(guards):
+        following = _Enter(guard, following)
+    return following
+
+
+class _Enter:
+    """One step of a linked chain: notes that the call reached ``guard``, then runs it."""
+
+    __slots__ = ("following", "guard", "mark")
+
+    def __init__(self, guard: Guard, following: Next) -> None:
+        self.guard = guard
+        self.following = following
+        self.mark = id(guard)
+
+    def __call__(self, call: Call) -> Any:
+        call.entered.add(self.mark)
+        return self.guard(call, self.following)
+
+
 def run_chain(guards: Sequence[Guard], call: Call, body: Next) -> Any:
     """Call ``guards[0]`` with a ``next`` that walks the rest and ends in ``body``."""
-
-    def step(index: int) -> Next:
-        if index == len(guards):
-            return body
-        guard = guards[index]
-        following = step(index + 1)
-
-        def enter(c: Call) -> Any:
-            c.entered.add(id(guard))
-            return guard(c, following)
-
-        return enter
-
-    return step(0)(call)
+    return link(guards, body)(call)
 
 
 def _pass_through() -> tuple[type[BaseException], ...]:

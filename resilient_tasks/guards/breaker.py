@@ -172,7 +172,7 @@ class BreakerGuard:
                 first_attempt=first,
                 now_ms=call.runtime.now_ms(),
             ),
-            lambda answer: _recorded(call, name, answer),
+            lambda done, answer: _recorded(done, name, answer),
         )
 
 

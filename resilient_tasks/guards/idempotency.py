@@ -282,7 +282,7 @@ class IdempotencyGuard:
             payload = "null"
         call.at_end(
             Op("complete", (claim.key,), (claim.owner, claim.token, payload, ttl_ms, call.runtime.now_ms())),
-            lambda answer: _completed(call, claim, answer),
+            lambda done, answer: _completed(done, claim, answer),
         )
         return result
 
