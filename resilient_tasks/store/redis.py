@@ -235,17 +235,27 @@ class RedisStore:
         deadline = started + CALL_BUDGET * timeout if timeout else None
         try:
             results = self._send(ops, deadline)
-            # A flush can land between our load and the re-send: try a few times.
-            for _ in range(NOSCRIPT_TRIES):
-                missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-                if not missing:
-                    break
-                self._within_budget(started)
-                again = self._load_and_send([ops[i] for i in missing], deadline)
-                for i, value in zip(missing, again, strict=True):
-                    results[i] = value
+            for value in results:
+                if isinstance(value, ResponseError):  # NOSCRIPT included: the rare path
+                    return self._settle(ops, results, started, deadline)
         except RedisError as exc:
             raise StoreUnavailable(f"redis store at {self._where()} failed: {exc}") from exc
+        return results
+
+    def _settle(
+        self, ops: Sequence[Op], results: list[Any], started: float, deadline: float | None
+    ) -> list[Any]:
+        """Some answers are errors: load the scripts a NOSCRIPT names and run those ops
+        again (a flush can land between our load and the re-send: a few tries); any
+        other error fails the call."""
+        for _ in range(NOSCRIPT_TRIES):
+            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if not missing:
+                break
+            self._within_budget(started)
+            again = self._load_and_send([ops[i] for i in missing], deadline)
+            for i, value in zip(missing, again, strict=True):
+                results[i] = value
         for op, value in zip(ops, results, strict=True):
             if isinstance(value, ResponseError):
                 raise StoreUnavailable(f"script {op.script!r} failed: {value}") from value

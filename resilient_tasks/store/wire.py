@@ -115,7 +115,7 @@ def _timeval(seconds: float) -> bytes:
 class Wire:
     """A connected socket, or nothing yet; opened by the first send."""
 
-    __slots__ = ("conn", "kernel_timeouts", "poller", "sock", "timeout")
+    __slots__ = ("conn", "kernel_timeouts", "poller", "reader", "sock", "timeout")
 
     def __init__(self, conn: Any, timeout: float | None) -> None:
         self.conn = conn
@@ -123,6 +123,9 @@ class Wire:
         self.sock: Any = None
         self.kernel_timeouts = False
         self.poller: Any = None
+        #: One parser per connection: a trip reads whole answers, so it starts empty, and
+        #: a trip that failed half-way closes the connection with it.
+        self.reader: Any = None
 
     def open(self) -> None:
         self.conn.connect()  # redis-py: TLS handshake, AUTH, SELECT
@@ -140,6 +143,7 @@ class Wire:
             except (OSError, AttributeError, struct.error):
                 sock.settimeout(self.timeout)
         self.sock = sock
+        self.reader = hiredis.Reader(replyError=ResponseError) if hiredis is not None else None
 
     def idle_and_sound(self) -> bool:
         """True unless the server closed it (or sent something unasked) while it was
@@ -171,6 +175,7 @@ class Wire:
     def close(self) -> None:
         self.sock = None
         self.poller = None
+        self.reader = None
         self.conn.disconnect()
 
     def round_trip(self, payload: bytes, count: int, deadline: float | None) -> list[Any]:
@@ -186,7 +191,7 @@ class Wire:
             raise redis.TimeoutError("timed out writing to the store") from exc
         except OSError as exc:
             raise redis.ConnectionError(f"error writing to the store: {exc}") from exc
-        if hiredis is not None:
+        if self.reader is not None:
             return self._read_hiredis(count, deadline)
         answers: list[Any] = []
         buf = b""
@@ -208,7 +213,7 @@ class Wire:
         return answers
 
     def _read_hiredis(self, count: int, deadline: float | None) -> list[Any]:
-        reader = hiredis.Reader(replyError=ResponseError)
+        reader = self.reader
         answers: list[Any] = []
         while len(answers) < count:
             try:
