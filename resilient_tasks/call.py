@@ -77,6 +77,8 @@ class Call:
     finalizers: list[Callable[[Call, BaseException | None], None]] = field(default_factory=list)
     breaker_owner: str = ""
     fallback_key: str | None = None
+    #: The hashed idempotency key; a fallback keyed alike reuses it.
+    key_digest: str | None = None
     #: The arguments by name, once a guard has bound them (the others reuse them).
     named: dict[str, Any] | None = None
     celery_request: Any = None

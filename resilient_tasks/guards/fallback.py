@@ -31,10 +31,15 @@ def _key(call: Call) -> str:
     policy = call.policy.fallback
     assert policy is not None
     if call.fallback_key is None:
-        material = key_material(
-            policy.key, call.task.run, call.args, call.kwargs, call.request.id, call.named
-        )
-        call.fallback_key = call.runtime.store.key("fb", digest(call.task.name, material))
+        idempotency = call.policy.idempotency
+        if call.key_digest is not None and idempotency is not None and idempotency.key == policy.key:
+            hashed = call.key_digest  # the same key spec: the same material, hashed once
+        else:
+            material = key_material(
+                policy.key, call.task.run, call.args, call.kwargs, call.request.id, call.named
+            )
+            hashed = digest(call.task.name, material)
+        call.fallback_key = call.runtime.store.key("fb", hashed)
     return call.fallback_key
 
 

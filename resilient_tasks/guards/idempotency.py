@@ -43,7 +43,8 @@ DURABLE_SCRIPTS = frozenset({"complete", "release"})
 
 def record_key(call: Call, material: str) -> str:
     """``prefix:idem:{sha256(task name, key)}``: raw input never reaches Redis."""
-    return call.runtime.store.key("idem", digest(call.task.name, material))
+    call.key_digest = digest(call.task.name, material)
+    return call.runtime.store.key("idem", call.key_digest)
 
 
 def task_lease(task: Any, app: Any, policy: IdempotencyPolicy) -> float:

@@ -255,3 +255,31 @@ def test_all_guards_with_the_breaker_open_serve_the_fallback_in_one_round_trip(a
     assert [sorted(t) for t in admitted_trips] == [
         ["admit", "cache_serve", "claim"], ["claim"], ["cache_put", "complete", "record"]
     ], "look, claim before the body, then the usual end"
+
+
+def test_fallback_keys_hash_their_own_spec_and_share_an_equal_idempotency_key(
+    app: Celery, store_client: object
+) -> None:
+    from resilient_tasks.keys import canonical, digest
+
+    def make(name: str, fallback_key: tuple[str, ...]) -> object:
+        @app.task(base=rt.ResilientTask, shared=False, name=name, policy=rt.TaskPolicy(
+            idempotency=rt.IdempotencyPolicy(key=("sku",)),
+            fallback=rt.FallbackPolicy(key=fallback_key),
+        ))
+        def quote(sku: str, region: str) -> dict[str, str]:
+            return {"sku": sku, "region": region}
+
+        return quote
+
+    same, coarser = make("quote.same", ("sku",)), make("quote.coarser", ("region",))
+    assert same.apply(args=("abc", "eu")).get() == {"sku": "abc", "region": "eu"}  # type: ignore[attr-defined]
+    assert coarser.apply(args=("abc", "eu")).get() == {"sku": "abc", "region": "eu"}  # type: ignore[attr-defined]
+    idem = {k.decode() for k in store_client.scan_iter("rt:idem:*")}  # type: ignore[attr-defined]
+    fb = {k.decode() for k in store_client.scan_iter("rt:fb:*")}  # type: ignore[attr-defined]
+    by_sku = {f"rt:idem:{{{digest(n, canonical(['abc']))}}}" for n in ("quote.same", "quote.coarser")}
+    assert idem == by_sku
+    assert fb == {
+        f"rt:fb:{{{digest('quote.same', canonical(['abc']))}}}",
+        f"rt:fb:{{{digest('quote.coarser', canonical(['eu']))}}}",
+    }
