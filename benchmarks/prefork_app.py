@@ -22,6 +22,10 @@ app.conf.update(
     worker_hijack_root_logger=False,
 )
 rt.install(app, redis_url=os.environ["BENCH_STORE"])
+if os.environ.get("BENCH_THREAD_CPU"):  # ``--thread-cpu``: see ``benchmarks.threadcpu``
+    from . import threadcpu
+
+    threadcpu.install(os.environ["BENCH_THREAD_CPU"])
 
 POLICIES: dict[str, rt.TaskPolicy | None] = {
     "plain": None,
