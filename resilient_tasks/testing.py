@@ -40,8 +40,44 @@ __all__ = [
 ]
 
 
+#: Where ``free_port`` looks first: below the kernel's ephemeral range (Linux's default
+#: starts at 32768), which it never hands to an outgoing connection.
+PORTS_BELOW_EPHEMERAL = (20000, 32768)
+
+
+#: Its own generator: a test that seeds ``random`` must not make every run pick alike.
+_PORTS = random.Random()
+
+
+def _ephemeral_floor() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return PORTS_BELOW_EPHEMERAL[1]
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago.
+
+    Chosen below the ephemeral range when there is room: a port the kernel picked with
+    ``bind(0)`` comes from that range, so the next outgoing connection of any process
+    (a worker's to Redis, say) may take it before the server meant for it binds it."""
+    low, high = PORTS_BELOW_EPHEMERAL[0], min(PORTS_BELOW_EPHEMERAL[1], _ephemeral_floor())
+    if high - low >= 1000:
+        for _ in range(50):
+            port = _PORTS.randrange(low, high)
+            if _bindable(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -176,16 +212,10 @@ class RedisServer:
 
 def _cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is free and valid too."""
-    rng = random.Random()
     for _ in range(200):
-        port = rng.randrange(20000, 50000)
-        try:
-            for candidate in (port, port + 10000):
-                with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                    sock.bind(("127.0.0.1", candidate))
-        except OSError:
-            continue
-        return port
+        port = _PORTS.randrange(20000, 50000)
+        if _bindable(port) and _bindable(port + 10000):
+            return port
     raise RuntimeError("no free port pair for a cluster node")
 
 
