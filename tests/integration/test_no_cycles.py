@@ -50,7 +50,7 @@ def test_successful_calls_leave_no_cycles(
         retry=rt.RetryPolicy(),
     )
 
-    @app.task(base=rt.ResilientTask, policy=policy, name="cycles.all_guards")
+    @app.task(base=rt.ResilientTask, policy=policy, name="cycles.all_guards", shared=False)
     def all_guards(n: int) -> int:
         return n + 1
 
