@@ -30,7 +30,7 @@ from .policy import TaskPolicy
 from .runtime import check_visibility_timeout, parse_expires, runtime_for
 from .telemetry import telemetry_guard
 
-__all__ = ["ResilientTask", "guards_for"]
+__all__ = ["ResilientTask", "build_chain"]
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +44,14 @@ _FALLBACK = FALLBACK_GUARD
 Chain = tuple[Callable[..., Any], ...]
 
 
-def _chains(policy: TaskPolicy) -> tuple[Chain, Chain, Callable[[Call], Any]]:
-    """The chain for ``policy``, its guards that add ops to ``begin``, and the chain
-    linked around the body."""
+def _chains(policy: TaskPolicy) -> tuple[Chain, Callable[[Call], Any]]:
+    """The guards of ``policy``'s chain that add ops to ``begin``, and the chain linked
+    around the body (built once per policy object)."""
     chain = build_chain(policy)
-    return chain, tuple(g for g in chain if hasattr(g, "prepare")), link(chain, _body)
+    return tuple(g for g in chain if hasattr(g, "prepare")), link(chain, _body)
 
 
 _chain_entry = PerObject(_chains)
-
-
-def guards_for(policy: TaskPolicy) -> Chain:
-    """The chain for ``policy``, built once per policy object."""
-    return _chain_entry(policy)[0]
 
 
 def build_chain(policy: TaskPolicy) -> tuple[Callable[..., Any], ...]:
@@ -152,7 +147,7 @@ class ResilientTask(Task):  # type: ignore[misc]
             deadline=_deadline(headers, request, policy, runtime.clock()),
             celery_request=request,
         )
-        _, call.preparers, chain = _chain_entry(policy)
+        call.preparers, chain = _chain_entry(policy)
         token = current_call.set(call)
         try:
             result = chain(call)

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from ..call import Call
 from ..store.base import Op
 
-__all__ = ["PASS_THROUGH", "Guard", "Next", "link", "run_chain"]
+__all__ = ["PASS_THROUGH", "Guard", "Next", "link"]
 
 Next = Callable[[Call], Any]
 
@@ -52,11 +52,6 @@ class _Enter:
     def __call__(self, call: Call) -> Any:
         call.entered.add(self.mark)
         return self.guard(call, self.following)
-
-
-def run_chain(guards: Sequence[Guard], call: Call, body: Next) -> Any:
-    """Call ``guards[0]`` with a ``next`` that walks the rest and ends in ``body``."""
-    return link(guards, body)(call)
 
 
 def _pass_through() -> tuple[type[BaseException], ...]:

@@ -30,7 +30,7 @@ from ..schedule import defer
 from ..store.base import Op, as_text
 from . import Next
 
-__all__ = ["DEFAULT_LEASE", "DURABLE_SCRIPTS", "IdempotencyGuard", "lease_seconds", "record_key"]
+__all__ = ["DEFAULT_LEASE", "DURABLE_SCRIPTS", "IdempotencyGuard", "lease_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +39,6 @@ DEFAULT_LEASE = 60.0
 #: End-trip writes worth delivering late when the store was down (owner- and
 #: token-checked: a late or repeated one cannot undo a newer claim).
 DURABLE_SCRIPTS = frozenset({"complete", "release"})
-
-
-def record_key(call: Call, material: str) -> str:
-    """``prefix:idem:{sha256(task name, key)}``: raw input never reaches Redis."""
-    call.key_digest = digest(call.task.name, material)
-    return call.runtime.store.key("idem", call.key_digest)
 
 
 def task_lease(task: Any, app: Any, policy: IdempotencyPolicy) -> float:
@@ -102,7 +96,10 @@ class IdempotencyGuard:
                 if policy.key != "message" and not callable(policy.key):
                     raise
         material = key_material(policy.key, run, call.args, call.kwargs, call.request.id, named)
-        key = record_key(call, material)
+        # ``prefix:idem:{sha256(task name, key)}``: raw input never reaches Redis. The
+        # hash is kept on the call for a fallback keyed alike.
+        call.key_digest = digest(call.task.name, material)
+        key = call.runtime.store.key("idem", call.key_digest)
         fp = fingerprint(run, call.args, call.kwargs, named) if policy.fingerprint else ""
         call.lease_s = lease_seconds(call, policy)
         # Whether this process had seen the epoch *before* this claim was sent: another

@@ -13,7 +13,6 @@ import functools
 import hashlib
 import inspect
 import logging
-import os
 import time
 from collections.abc import Sequence
 from importlib import resources
@@ -164,7 +163,7 @@ class RedisStore:
         self._idle: collections.deque[Wire] = collections.deque()
         #: Requests written on our connections (each is one round trip).
         self.requests_sent = 0
-        self._pid = os.getpid()
+        self._pid = current_pid()
         if client is not None:
             self.client: Any = client
         elif cluster:
@@ -292,7 +291,7 @@ class RedisStore:
         refused = [answer for answer in answers if isinstance(answer, Exception)]
         if refused:
             log.info("store warm-up could not load every script (the first task will): %s", refused[0])
-        if self._pid == os.getpid():
+        if self._pid == current_pid():
             self._idle.append(wire)  # connected: the first call takes it
 
     def _send(self, ops: Sequence[Op], deadline: float | None = None) -> list[Any]:
