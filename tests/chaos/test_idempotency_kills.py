@@ -129,3 +129,33 @@ def test_stale_owner_is_fenced_by_token_and_refused_by_the_store(
     assert ledger.hget("applied", "job-x") == b"2", "applied once, by the newer token"
     assert int(ledger.hget("stale", "job-x") or 0) == 1, "the stale owner's write was rejected"
     assert int(ledger.hget("calls", "job-x") or 0) == 2
+
+
+def test_a_job_killed_mid_run_comes_back_within_one_restore_sweep(
+    rt_redis_flushed: RedisServer, env: dict[str, str], producer: Celery, tmp_path: object
+) -> None:
+    """kombu acts on only every tenth unacked sweep unless told otherwise (up to 100 s on
+    top of the visibility timeout); ``install`` makes every sweep count, so a killed job
+    is run again within ``visibility_timeout`` + one 10 s sweep."""
+    visibility, sweep = 5.0, 10.0
+    ledger = rt_redis_flushed.client(3)
+    worker = SubprocessWorker("tests.chaos.chaos_app", name="solo", env=env, log=f"{tmp_path}/solo.log")
+    worker.start()
+    try:
+        producer.send_task("chaos.apply_once", args=["job-k"], kwargs={"pause": 30.0})
+        wait_until(lambda: ledger.hget("started", "job-k"), timeout=30, what="body started")
+        worker.kill()
+        killed = time.monotonic()
+        worker.start()  # its startup sweep is too early: the message is not yet past visibility
+        wait_until(
+            lambda: ledger.hget("started", "job-k") == b"2",
+            timeout=visibility + 2 * sweep,
+            what="the killed job started again by a redelivery",
+        )
+        back_after = time.monotonic() - killed
+    finally:
+        worker.kill()  # the second run's 30 s body need not finish
+        worker.stop()
+    print(f"\nkilled job redelivered and re-claimed after {back_after:.1f}s")
+    assert back_after >= visibility, "not before the visibility timeout"
+    assert ledger.hget("applied", "job-k") is None, "the 30 s body was killed before its side effect"

@@ -33,6 +33,22 @@ def test_install_sets_safe_defaults() -> None:
     assert app.conf.task_serializer == "json"
 
 
+def test_install_makes_every_unacked_sweep_of_a_redis_broker_count() -> None:
+    redis_app = Celery("b", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    redis_app.conf.broker_transport_options = {"visibility_timeout": 600}
+    rt.install(redis_app, redis_url="redis://127.0.0.1:1/1")
+    assert redis_app.conf.broker_transport_options == {"visibility_timeout": 600, "unacked_restore_throttle": 1}
+
+    chosen = Celery("c", broker="redis://127.0.0.1:1/0", set_as_current=False)
+    chosen.conf.broker_transport_options = {"unacked_restore_throttle": 5}
+    rt.install(chosen, redis_url="redis://127.0.0.1:1/1")
+    assert chosen.conf.broker_transport_options == {"unacked_restore_throttle": 5}, "the user's choice stays"
+
+    amqp = Celery("a", broker="amqp://127.0.0.1:1//", set_as_current=False)
+    rt.install(amqp, redis_url="redis://127.0.0.1:1/1")
+    assert "unacked_restore_throttle" not in (amqp.conf.broker_transport_options or {})
+
+
 def test_bad_store_url_is_refused() -> None:
     app = Celery("u", broker="memory://", set_as_current=False)
     with pytest.raises(rt.PolicyError, match="install.redis_url"):
