@@ -10,10 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from kombu.utils import json as kombu_json
-
 from ..call import Call
-from ..codec import encode_capped
+from ..codec import dumps, encode_capped, loads
 from ..errors import CachedFailure, ResilienceError, StoreUnavailable
 from ..fallback import NotFound, degraded, entry_ttl
 from ..keys import digest, key_material
@@ -79,7 +77,7 @@ def serve_fallback(call: Call, exc: BaseException) -> Any:
     text = _opened(call, answer[0]) if answer else None
     if text is not None:
         age = int(answer[1]) / 1000.0
-        value = kombu_json.loads(text)  # type: ignore[no-untyped-call]
+        value = loads(text)
         return _served(call, name, value, "cache", age)
     if policy.function is not None:
         return _served(call, name, policy.function(*call.args, **call.kwargs), "function", None)
@@ -140,7 +138,7 @@ class FallbackGuard:
         text = _opened(call, peek[1]) if peek else None
         if text is not None:
             kind = as_text(peek[0])
-            value = kombu_json.loads(text)  # type: ignore[no-untyped-call]
+            value = loads(text)
             call.outcome["fallback_source"] = f"{kind}_cache"
             call.runtime.count("negative_hit", call.policy.downstream or "")
             if kind == "failure":
@@ -176,7 +174,7 @@ class FallbackGuard:
         call.at_end(self._put(call, policy, text, kind, ttl))
 
     def _put(self, call: Call, policy: FallbackPolicy, value: Any, kind: str, ttl: float) -> Op:
-        text = value if kind != "failure" else str(kombu_json.dumps(value))  # type: ignore[no-untyped-call]
+        text = value if kind != "failure" else dumps(value)
         stored = seal(call.runtime.hmac_key, _key(call), text)
         return Op("cache_put", (_key(call),), (stored, call.runtime.now_ms(), int(ttl * 1000), kind))
 
