@@ -10,6 +10,7 @@ from celery import Celery
 
 import resilient_tasks as rt
 
+from .floor import IdempotencyFloor
 from .rawtrips import RawTrips
 
 app = Celery("prefork-bench", broker=os.environ["BENCH_BROKER"], backend=os.environ["BENCH_BACKEND"])
@@ -64,3 +65,13 @@ def _two_trips(n: int) -> int:
 
 
 app.task(name="bench.two_trips")(_two_trips)
+
+_FLOOR = IdempotencyFloor(_store.hostname or "127.0.0.1", _store.port or 6379, int(_store.path.strip("/") or 0))
+
+
+def _idem_floor(n: int) -> int:
+    _FLOOR.run("bench.idem_floor", n)
+    return n + 1
+
+
+app.task(name="bench.idem_floor")(_idem_floor)
