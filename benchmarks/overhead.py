@@ -32,6 +32,10 @@ Why it is built this way:
   a raw blocking socket (``EVALSHA`` of ``return 1``): no key, no parsing, no library.
   It is the ceiling of any design that spends two store round trips per task, on this
   machine and this worker; the library's variants are read against it.
+- ``idem_floor`` runs the library's own ``claim`` and ``complete`` scripts the same way,
+  with the key hashed as the library hashes it and nothing else (``benchmarks.floor``):
+  the ceiling of any client of those scripts. ``idempotency`` minus ``idem_floor`` is
+  what the library's Python costs; ``idem_floor`` minus ``two_trips`` is the scripts'.
 - ``--rejection N`` forces a ``when_open="fail"`` breaker open and runs N tasks: round
   trips per rejected task, and whether the body ran (it must not).
 
@@ -69,6 +73,7 @@ from resilient_tasks.store.redis import RedisStore
 from resilient_tasks.store.wire import Wire
 from resilient_tasks.testing import RedisServer, in_process_worker
 
+from .floor import IdempotencyFloor
 from .rawtrips import RawTrips
 
 Body = Callable[[int], int]
@@ -187,6 +192,22 @@ def _two_trips(app: Celery, body: Body) -> Task:
     return task_of(app, "two_trips", with_trips)
 
 
+#: Bound to the store server by ``Bench`` (``idem_floor``).
+FLOOR: list[IdempotencyFloor] = []
+
+
+def _idem_floor(app: Celery, body: Body) -> Task:
+    """Plain Celery plus our ``claim`` and ``complete`` scripts over a raw socket (see
+    ``IdempotencyFloor``): the ceiling of any client of those scripts."""
+
+    def with_scripts(n: int) -> int:
+        FLOOR[0].run("idem_floor", n)
+        COUNTERS.add("wire", 2)
+        return body(n)
+
+    return task_of(app, "idem_floor", with_scripts)
+
+
 def _plain_control(app: Celery, body: Body) -> Task:
     """A second plain task: its ratio to ``plain`` shows the machine's noise (A/A test)."""
     return task_of(app, "plain_control", body)
@@ -201,10 +222,11 @@ VARIANTS: dict[str, TaskFactory] = {
     "all_guards_otel": _all_guards_otel,
     "plain_control": _plain_control,
     "two_trips": _two_trips,
+    "idem_floor": _idem_floor,
 }
 #: Run when ``--variants`` is not given.
-DEFAULT_VARIANTS = ("plain", "two_trips", "retry_policy", "idempotency", "breaker", "all_guards",
-                    "all_guards_otel")
+DEFAULT_VARIANTS = ("plain", "two_trips", "idem_floor", "retry_policy", "idempotency", "breaker",
+                    "all_guards", "all_guards_otel")
 #: The variant whose tasks run inside a recording OpenTelemetry span.
 OTEL_VARIANT = "all_guards_otel"
 
@@ -492,6 +514,8 @@ class Bench:
         self.variants = list(variants)
         if "two_trips" in self.variants:
             RAW_TRIPS[:] = [RawTrips("127.0.0.1", store.port)]
+        if "idem_floor" in self.variants:
+            FLOOR[:] = [IdempotencyFloor("127.0.0.1", store.port, 0)]
         self.app = Celery("bench", broker=broker.url(0), backend=broker.url(1),
                           set_as_current=False)
         self.app.conf.update(
