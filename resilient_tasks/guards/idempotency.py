@@ -61,6 +61,15 @@ def lease_seconds(call: Call, policy: IdempotencyPolicy) -> float:
     return _leases(policy, call.task)
 
 
+def _names_in(policy: IdempotencyPolicy) -> frozenset[str]:
+    return frozenset(policy.key) if isinstance(policy.key, tuple) else frozenset()
+
+
+#: A key naming every argument already tells different arguments apart: the fingerprint
+#: (a second canonical JSON and hash per call) could never differ for the same key.
+_key_names = PerObject(_names_in)
+
+
 class _NotClaimed(BaseException):
     """A put-off claim was not taken: carries the store's answer (or what to raise) out
     through the inner guards, which let it pass (it is no ``Exception``, so no fallback
@@ -100,7 +109,9 @@ class IdempotencyGuard:
         # hash is kept on the call for a fallback keyed alike.
         call.key_digest = digest(call.task.name, material)
         key = call.runtime.store.key("idem", call.key_digest)
-        fp = fingerprint(run, call.args, call.kwargs, named) if policy.fingerprint else ""
+        fp = ""
+        if policy.fingerprint and not (named is not None and named.keys() <= _key_names(policy)):
+            fp = fingerprint(run, call.args, call.kwargs, named)
         call.lease_s = lease_seconds(call, policy)
         # Whether this process had seen the epoch *before* this claim was sent: another
         # thread may set it while our claim is in flight, and that must not make a

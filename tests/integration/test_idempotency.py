@@ -11,7 +11,7 @@ import pytest
 from celery import Celery
 
 import resilient_tasks as rt
-from resilient_tasks.testing import in_process_worker, wait_until
+from resilient_tasks.testing import RedisServer, in_process_worker, wait_until
 
 
 def test_duplicate_publish_replays_the_stored_result(app: Celery) -> None:
@@ -56,6 +56,32 @@ def test_same_key_different_arguments_is_a_conflict(app: Celery) -> None:
         with pytest.raises(rt.IdempotencyConflict, match="different arguments"):
             charge.delay(7, 99).get(timeout=20)
     assert effects == [10]
+
+
+def test_a_key_naming_every_argument_stores_no_fingerprint(app: Celery, rt_redis_flushed: RedisServer) -> None:
+    """Such a key already differs whenever the arguments do: the fingerprint is skipped,
+    and a key that leaves an argument out still gets one (see the conflict test above)."""
+    policy = rt.TaskPolicy(idempotency=rt.IdempotencyPolicy(key=("order_id", "amount")))
+
+    @app.task(base=rt.ResilientTask, shared=False, name="fp.whole", policy=policy)
+    def whole(order_id: int, amount: int) -> int:
+        return amount
+
+    @app.task(base=rt.ResilientTask, shared=False, name="fp.part",
+              policy=rt.TaskPolicy(idempotency=rt.IdempotencyPolicy(key=("order_id",))))
+    def part(order_id: int, amount: int) -> int:
+        return amount
+
+    with in_process_worker(app, concurrency=1):
+        assert whole.delay(1, 10).get(timeout=20) == 10
+        assert whole.delay(order_id=1, amount=10).get(timeout=20) == 10  # a replay
+        assert whole.delay(1, 11).get(timeout=20) == 11  # another key, not a conflict
+        assert part.delay(2, 10).get(timeout=20) == 10
+    store = rt_redis_flushed.client(1)
+    fingerprints = sorted(store.hget(key, "fp") or b"" for key in store.scan_iter("rt:idem:*"))
+    assert len(fingerprints) == 3
+    assert fingerprints[:2] == [b"", b""], "the two keys of `whole` carry no fingerprint"
+    assert len(fingerprints[2]) == 32, "`part`'s key leaves `amount` out: it is fingerprinted"
 
 
 def test_in_flight_duplicate_is_deferred_then_replayed(app: Celery) -> None:
