@@ -300,9 +300,9 @@ class RedisStore:
             for op in ops:
                 pipe.execute_command("EVALSHA", *_evalsha_args(op))
             return list(pipe.execute(raise_on_error=False))
-        return self._round_trip([pack_evalsha(ops)], len(ops), deadline)
+        return self._round_trip(pack_evalsha(ops), len(ops), deadline)
 
-    def _round_trip(self, payload: list[bytes], count: int, deadline: float | None) -> list[Any]:
+    def _round_trip(self, payload: bytes, count: int, deadline: float | None) -> list[Any]:
         """Write every command, read every answer: one round trip on one connection.
 
         Error answers (NOSCRIPT, OOM) come back in place, as a pipeline would give them.
@@ -310,7 +310,7 @@ class RedisStore:
         wire = self._checkout()
         self.requests_sent += 1
         try:
-            answers = wire.round_trip(b"".join(payload), count, deadline)
+            answers = wire.round_trip(payload, count, deadline)
         except BaseException:
             wire.close()  # half-read: dropped, never handed to another call
             raise
@@ -361,10 +361,7 @@ class RedisStore:
         if self.cluster:
             self._load(set(names))
             return self._send(ops)
-        payload = [
-            _pack_loads(names),
-            pack_evalsha(ops),
-        ]
+        payload = _pack_loads(names) + pack_evalsha(ops)
         answers = self._round_trip(payload, len(names) + len(ops), deadline)
         for loaded in answers[: len(names)]:
             if isinstance(loaded, Exception):

@@ -214,6 +214,7 @@ class Wire:
 
     def _read_hiredis(self, count: int, deadline: float | None) -> list[Any]:
         reader = self.reader
+        reader.feed(self._recv(deadline))  # a trip starts with an empty reader: no answer yet
         answers: list[Any] = []
         while len(answers) < count:
             try:
@@ -258,7 +259,7 @@ class Wire:
                 sock.settimeout(self.timeout)
         if not data:
             raise redis.ConnectionError("the store closed the connection")
-        return bytes(data)
+        return data  # type: ignore[no-any-return]
 
 
 def _readable_now(sock: Any) -> bool:

@@ -289,12 +289,12 @@ def test_the_wire_reads_every_reply_a_real_server_sends(
         ("INCRBY", "rt:wire:big", 1),
     ]
     payload = b"".join(b"".join(conn.pack_command(*c)) for c in commands)
-    answers = store._round_trip([payload], len(commands), None)
+    answers = store._round_trip(payload, len(commands), None)
     assert answers[:6] == [b"OK", big.encode(), b"OK", b"a\r\nb", None, [1, [b"two", None], b"three"]]
     assert isinstance(answers[6], redis.exceptions.NoScriptError)
     assert isinstance(answers[7], redis.exceptions.ResponseError)
     # The connection is whole after all that: the next trip on it is answered in order.
-    (again,) = store._round_trip([b"".join(conn.pack_command("GET", "rt:wire:crlf"))], 1, None)
+    (again,) = store._round_trip(b"".join(conn.pack_command("GET", "rt:wire:crlf")), 1, None)
     assert again == b"a\r\nb"
     assert len(store._idle) == 1
     store.close()
