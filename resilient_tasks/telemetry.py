@@ -248,12 +248,16 @@ def _shown_state(call: Call) -> str:
     return str(call.outcome.get("breaker_state"))
 
 
+#: The counter name of each outcome, made once.
+_COUNTER_NAMES = {outcome: f"outcome.{outcome}" for outcome in OUTCOMES}
+
+
 def report(call: Call, error: BaseException | None) -> None:
     """Tell every channel what this call did. Never raises."""
     try:
         outcomes = classify(call, error)
         span = _recording_span()
-        evented = any(outcome in EVENTS for outcome in outcomes)
+        evented = not EVENTS.keys().isdisjoint(outcomes)
         # Attributes only for a span that records or an event to send: most calls have
         # neither, and building them is most of this function's cost.
         attrs = attributes(call) if span is not None or evented else {}
@@ -265,7 +269,7 @@ def report(call: Call, error: BaseException | None) -> None:
         for outcome in outcomes:
             # Namespaced: the guards count some of these events themselves
             # (``fallback_served``, ``rejected_open``, ...) under the bare name.
-            runtime.count(f"outcome.{outcome}", downstream)
+            runtime.count(_COUNTER_NAMES.get(outcome) or f"outcome.{outcome}", downstream)
             for sink in runtime.sinks:
                 sink.outcome(outcome, name, downstream)
         states: dict[str, str] = {}
