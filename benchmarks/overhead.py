@@ -74,6 +74,7 @@ from resilient_tasks.store.wire import Wire
 from resilient_tasks.testing import RedisServer, in_process_worker
 
 from .floor import IdempotencyFloor
+from .policies import POLICIES, all_guards_policy
 from .rawtrips import RawTrips
 
 Body = Callable[[int], int]
@@ -131,29 +132,16 @@ def _retry_policy(app: Celery, body: Body) -> Task:
 
 
 def _idempotency(app: Celery, body: Body) -> Task:
-    policy = rt.TaskPolicy(idempotency=rt.IdempotencyPolicy(key=("n",)))
-    return task_of(app, "idempotency", body, base=rt.ResilientTask, policy=policy)
+    return task_of(app, "idempotency", body, base=rt.ResilientTask, policy=POLICIES["idempotency"])
 
 
 def _breaker(app: Celery, body: Body) -> Task:
     """A breaker on a healthy downstream; ``min_calls`` so high it never trips."""
-    policy = rt.TaskPolicy(downstream="bench-ds", breaker=rt.BreakerPolicy(min_calls=1_000_000))
-    return task_of(app, "breaker", body, base=rt.ResilientTask, policy=policy)
-
-
-def all_guards_policy(downstream: str) -> rt.TaskPolicy:
-    """Idempotency, breaker and fallback together, on a healthy downstream."""
-    return rt.TaskPolicy(
-        downstream=downstream,
-        idempotency=rt.IdempotencyPolicy(key=("n",)),
-        breaker=rt.BreakerPolicy(min_calls=1_000_000),
-        fallback=rt.FallbackPolicy(key=("n",)),
-    )
+    return task_of(app, "breaker", body, base=rt.ResilientTask, policy=POLICIES["breaker"])
 
 
 def _all_guards(app: Celery, body: Body) -> Task:
-    return task_of(app, "all_guards", body, base=rt.ResilientTask,
-                   policy=all_guards_policy("bench-ds2"))
+    return task_of(app, "all_guards", body, base=rt.ResilientTask, policy=POLICIES["all_guards"])
 
 
 def _all_guards_otel(app: Celery, body: Body) -> Task:

@@ -11,6 +11,7 @@ from celery import Celery
 import resilient_tasks as rt
 
 from .floor import IdempotencyFloor
+from .policies import POLICIES
 from .rawtrips import RawTrips
 
 app = Celery("prefork-bench", broker=os.environ["BENCH_BROKER"], backend=os.environ["BENCH_BACKEND"])
@@ -27,19 +28,6 @@ if os.environ.get("BENCH_THREAD_CPU"):  # ``--thread-cpu``: see ``benchmarks.thr
     from . import threadcpu
 
     threadcpu.install(os.environ["BENCH_THREAD_CPU"])
-
-POLICIES: dict[str, rt.TaskPolicy | None] = {
-    "plain": None,
-    "idempotency": rt.TaskPolicy(idempotency=rt.IdempotencyPolicy(key=("n",))),
-    "breaker": rt.TaskPolicy(downstream="bench-ds", breaker=rt.BreakerPolicy(min_calls=1_000_000)),
-    "all_guards": rt.TaskPolicy(
-        downstream="bench-ds2",
-        idempotency=rt.IdempotencyPolicy(key=("n",)),
-        breaker=rt.BreakerPolicy(min_calls=1_000_000),
-        fallback=rt.FallbackPolicy(key=("n",)),
-    ),
-}
-
 
 def _register(variant: str, policy: rt.TaskPolicy | None) -> None:
     def run(n: int) -> int:

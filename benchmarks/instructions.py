@@ -1,0 +1,119 @@
+"""Instructions per task call, counted by valgrind: the one measure this machine repeats.
+
+Throughput ratios move by several points between runs here, more than most changes to
+the hot path. ``callgrind`` counts the instructions a process executes, the same count
+for the same code and inputs whatever else the machine is doing. Each variant runs in a
+child process that calls its task through Celery's own tracer (as a pool process does,
+result backend off) against a private redis-server: once with ``--small`` calls, once
+with ``--small + --calls``; the difference over ``--calls`` is one call, start-up left
+out. Kernel work (the socket calls themselves) is not counted: read it as the CPU of the
+task's Python and C in user space, not as time.
+
+    python -m benchmarks.instructions            # needs valgrind
+    python -m benchmarks.instructions --variants idempotency,idem_floor --calls 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+VARIANTS = ("plain", "idem_floor", "idempotency", "breaker", "all_guards")
+WARMUP = 300
+
+
+def child(variant: str, calls: int, port: int) -> None:
+    """Run ``calls`` calls of ``variant`` after the warm-up (under valgrind)."""
+    from celery import Celery
+    from celery.app.trace import build_tracer
+
+    import resilient_tasks as rt
+
+    from .floor import IdempotencyFloor
+    from .policies import POLICIES
+
+    app = Celery("instructions", broker="memory://", set_as_current=False)
+    app.conf.task_ignore_result = True
+    rt.install(app, redis_url=f"redis://127.0.0.1:{port}/1")
+    if variant == "idem_floor":
+        floor = IdempotencyFloor("127.0.0.1", port, 1)
+
+        def body(n: int) -> int:
+            floor.run("bench.idem_floor", n)
+            return n + 1
+
+        task = app.task(name="bench.idem_floor", shared=False)(body)
+    else:
+
+        def run(n: int) -> int:
+            return n + 1
+
+        policy = POLICIES[variant]
+        options: dict[str, object] = {"name": f"bench.{variant}", "shared": False}
+        if policy is not None:
+            options.update(base=rt.ResilientTask, policy=policy)
+        task = app.task(**options)(run)
+    app.finalize()
+    trace = build_tracer(task.name, task, app=app, eager=False, propagate=True)
+    first = int.from_bytes(os.urandom(4), "big") * 100_000  # fresh keys every run
+    for n in range(first, first + WARMUP + calls):
+        task_id = f"{n:032x}"
+        request = {"id": task_id, "headers": {}, "hostname": "bench", "retries": 0,
+                   "delivery_info": {"routing_key": "celery", "exchange": ""}}
+        trace(task_id, (n,), {}, request)
+
+
+def _count(variant: str, calls: int, port: int, workdir: str) -> int:
+    out = os.path.join(workdir, f"{variant}.{calls}.out")
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable,
+               "-m", "benchmarks.instructions", "--child", variant, str(calls), str(port)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if done.returncode != 0 or found is None:
+        raise SystemExit(f"valgrind failed for {variant}: {done.stderr[-2000:]}")
+    return int(found.group(1))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--calls", type=int, default=1000, help="calls told apart (per variant)")
+    parser.add_argument("--small", type=int, default=200, help="calls of the shorter run")
+    parser.add_argument("--child", nargs=3, metavar=("VARIANT", "CALLS", "PORT"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        child(args.child[0], int(args.child[1]), int(args.child[2]))
+        return 0
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed (apt-get install valgrind)")
+    from resilient_tasks.testing import RedisServer
+
+    variants = [v for v in args.variants.split(",") if v]
+    per_call: dict[str, float] = {}
+    with RedisServer() as server, tempfile.TemporaryDirectory() as workdir:
+        runs = [(v, n) for v in variants for n in (args.small, args.small + args.calls)]
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            counts = dict(zip(runs, pool.map(lambda r: _count(r[0], r[1], server.port, workdir), runs),
+                              strict=True))
+        for v in variants:
+            per_call[v] = (counts[(v, args.small + args.calls)] - counts[(v, args.small)]) / args.calls
+    plain = per_call.get("plain")
+    floor = per_call.get("idem_floor")
+    print("instructions per call (user space, callgrind), thousands")
+    print(f"{'variant':12s} {'per call':>9s} {'over plain':>11s} {'over idem_floor':>16s}")
+    for v in variants:
+        over_plain = f"{(per_call[v] - plain) / 1000:11.1f}" if plain is not None else f"{'-':>11s}"
+        over_floor = f"{(per_call[v] - floor) / 1000:16.1f}" if floor is not None else f"{'-':>16s}"
+        print(f"{v:12s} {per_call[v] / 1000:9.1f} {over_plain} {over_floor}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,27 @@
+"""The policies of the benchmark variants, shared by every benchmark so that they measure
+the same thing."""
+
+from __future__ import annotations
+
+import resilient_tasks as rt
+
+__all__ = ["POLICIES", "all_guards_policy"]
+
+
+def all_guards_policy(downstream: str) -> rt.TaskPolicy:
+    """Idempotency, breaker and fallback together, on a healthy downstream."""
+    return rt.TaskPolicy(
+        downstream=downstream,
+        idempotency=rt.IdempotencyPolicy(key=("n",)),
+        breaker=rt.BreakerPolicy(min_calls=1_000_000),
+        fallback=rt.FallbackPolicy(key=("n",)),
+    )
+
+
+#: ``None``: a plain Celery task. The breakers' ``min_calls`` is so high they never trip.
+POLICIES: dict[str, rt.TaskPolicy | None] = {
+    "plain": None,
+    "idempotency": rt.TaskPolicy(idempotency=rt.IdempotencyPolicy(key=("n",))),
+    "breaker": rt.TaskPolicy(downstream="bench-ds", breaker=rt.BreakerPolicy(min_calls=1_000_000)),
+    "all_guards": all_guards_policy("bench-ds2"),
+}
