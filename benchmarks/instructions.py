@@ -37,7 +37,7 @@ def child(variant: str, calls: int, port: int) -> None:
     import resilient_tasks as rt
 
     from .floor import IdempotencyFloor
-    from .policies import POLICIES
+    from .policies import register
 
     app = Celery("instructions", broker="memory://", set_as_current=False)
     app.conf.task_ignore_result = True
@@ -51,15 +51,7 @@ def child(variant: str, calls: int, port: int) -> None:
 
         task = app.task(name="bench.idem_floor", shared=False)(body)
     else:
-
-        def run(n: int) -> int:
-            return n + 1
-
-        policy = POLICIES[variant]
-        options: dict[str, object] = {"name": f"bench.{variant}", "shared": False}
-        if policy is not None:
-            options.update(base=rt.ResilientTask, policy=policy)
-        task = app.task(**options)(run)
+        task = register(app, variant, shared=False)
     app.finalize()
     trace = build_tracer(task.name, task, app=app, eager=False, propagate=True)
     first = int.from_bytes(os.urandom(4), "big") * 100_000  # fresh keys every run

@@ -11,7 +11,7 @@ from celery import Celery
 import resilient_tasks as rt
 
 from .floor import IdempotencyFloor
-from .policies import POLICIES
+from .policies import POLICIES, register
 from .rawtrips import RawTrips
 
 app = Celery("prefork-bench", broker=os.environ["BENCH_BROKER"], backend=os.environ["BENCH_BACKEND"])
@@ -29,18 +29,8 @@ if os.environ.get("BENCH_THREAD_CPU"):  # ``--thread-cpu``: see ``benchmarks.thr
 
     threadcpu.install(os.environ["BENCH_THREAD_CPU"])
 
-def _register(variant: str, policy: rt.TaskPolicy | None) -> None:
-    def run(n: int) -> int:
-        return n + 1
-
-    options: dict[str, object] = {"name": f"bench.{variant}"}
-    if policy is not None:
-        options.update(base=rt.ResilientTask, policy=policy)
-    app.task(**options)(run)
-
-
-for _variant, _policy in POLICIES.items():
-    _register(_variant, _policy)
+for _variant in POLICIES:
+    register(app, _variant)
 
 
 _store = urlsplit(os.environ["BENCH_STORE"])
