@@ -19,6 +19,7 @@ from .errors import (
 )
 from .fallback import Degraded, NotFound, unwrap
 from .policy import (
+    TRANSIENT_ERRORS,
     BreakerPolicy,
     FallbackPolicy,
     IdempotencyPolicy,
@@ -33,6 +34,7 @@ from .task import ResilientTask
 __version__ = "0.1.0"
 
 __all__ = [
+    "TRANSIENT_ERRORS",
     "BreakerPolicy",
     "CachedFailure",
     "CircuitOpen",

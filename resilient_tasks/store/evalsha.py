@@ -1,0 +1,295 @@
+"""The store's operations as ``EVALSHA`` commands, and their answers as typed values.
+
+One Lua script per operation lives in ``lua_next/`` behind a shared ``_prelude.lua``;
+``Codec`` turns each op into the command that runs its script (keys under the store's
+prefix, one hash tag each) and each reply back into the op's answer type. ``Packer``
+hands the commands to hiredis through redis-py's ``command_packer`` hook.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable, Sequence
+from importlib import resources
+from typing import Any, NamedTuple
+
+import hiredis
+import redis
+
+from ..keys import digest
+from .numbers import breaker_numbers
+from .protocol import (
+    BREAKER_TTL_MS,
+    Admission,
+    Admit,
+    CacheEntry,
+    CacheGet,
+    CacheKind,
+    CachePut,
+    Claim,
+    ClaimAnswer,
+    ClaimVerdict,
+    Complete,
+    CompleteAnswer,
+    Forget,
+    Record,
+    Recorded,
+    Release,
+    Renew,
+    SpendAnswer,
+    SpendRetry,
+    Switch,
+    SwitchAnswer,
+    Verdict,
+)
+
+__all__ = ["Codec", "Command", "Packer", "Script", "load_commands", "script_of", "scripts", "text"]
+
+Command = tuple[Any, ...]
+
+
+# -- scripts ----------------------------------------------------------------------------
+
+
+class Script(NamedTuple):
+    source: str
+    sha: str
+
+
+@functools.cache
+def scripts() -> dict[str, Script]:
+    """Every ``lua_next/*.lua`` behind the shared ``_prelude.lua``, with its SHA-1."""
+    folder = resources.files(__package__).joinpath("lua_next")
+    prelude = folder.joinpath("_prelude.lua").read_text(encoding="utf-8")
+    found = {}
+    for entry in folder.iterdir():
+        if entry.name.endswith(".lua") and not entry.name.startswith("_"):
+            source = prelude + entry.read_text(encoding="utf-8")
+            found[entry.name.removesuffix(".lua")] = Script(source, hashlib.sha1(source.encode()).hexdigest())
+    return found
+
+
+def load_commands(names: Sequence[str]) -> list[Command]:
+    """``SCRIPT LOAD`` of each named script."""
+    return [("SCRIPT", "LOAD", scripts()[name].source) for name in names]
+
+
+_BY_SHA: dict[str, str] = {}
+
+
+def script_of(command: Command) -> str:
+    """The name of the script an ``EVALSHA`` command runs."""
+    if not _BY_SHA:
+        _BY_SHA.update({script.sha: name for name, script in scripts().items()})
+    return _BY_SHA[command[1]]
+
+
+# -- packing ----------------------------------------------------------------------------
+
+
+_pack_command: Any = hiredis.pack_command  # (its stub types one argument only)
+
+
+class Packer:
+    """hiredis's command packer, handed to redis-py through its ``command_packer`` hook.
+
+    redis-py's own hiredis packer first rebuilds every command's arguments to turn
+    ``bytearray``/``memoryview`` into ``bytes``; the store's commands never hold one, and
+    that pass cost about a third of a batch's packing. Multi-word command names
+    (``"CONFIG GET"``) are split as redis-py does."""
+
+    def pack(self, *args: Any) -> list[bytes]:
+        first = args[0]
+        if isinstance(first, str):
+            if " " in first:
+                args = (*first.split(), *args[1:])
+        elif b" " in first:
+            args = (*first.split(), *args[1:])
+        try:
+            return [_pack_command(args)]
+        except TypeError:  # a bytearray or memoryview after all
+            plain = tuple(bytes(a) if isinstance(a, (bytearray, memoryview)) else a for a in args)
+            try:
+                return [_pack_command(plain)]
+            except TypeError as exc:
+                raise redis.DataError(str(exc)) from exc
+
+
+# -- ops as commands, answers as types --------------------------------------------------
+
+
+def text(value: Any) -> str:
+    """A reply's bytes as text."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else str(value)
+
+
+def _maybe_text(value: Any) -> str | None:
+    return None if value is None else text(value)
+
+
+_CLAIM_VERDICTS: dict[bytes, ClaimVerdict] = {
+    b"claimed": "claimed", b"free": "free", b"done": "done", b"in_flight": "in_flight",
+    b"conflict": "conflict",
+}  # fmt: skip
+_VERDICTS: dict[bytes, Verdict] = {b"allow": "allow", b"probe": "probe", b"reject": "reject"}
+_KINDS: dict[bytes, CacheKind] = {b"ok": "ok", b"negative": "negative", b"failure": "failure"}
+
+
+@functools.lru_cache(maxsize=4096)
+def _breaker_tag(name: str) -> str:
+    """The name's hash (the name itself is stored inside the hash, never in a key)."""
+    return digest("breaker", name)[:40]
+
+
+class Codec:
+    """How each op becomes an ``EVALSHA`` and its answer a typed value."""
+
+    def __init__(self, prefix: str) -> None:
+        sha = {name: script.sha for name, script in scripts().items()}
+        self.sha = sha
+        self.idem = f"{prefix}:idem:"
+        self.fb = f"{prefix}:fb:"
+        self.brk = f"{prefix}:brk:"
+        self.encode: dict[type, Callable[[Any], Command]] = {
+            Claim: self.claim,
+            Complete: self.complete,
+            Release: self.release,
+            Renew: self.renew,
+            Forget: self.forget,
+            Admit: self.admit,
+            Record: self.record,
+            SpendRetry: self.spend_retry,
+            Switch: self.switch,
+            CacheGet: self.cache_get,
+            CachePut: self.cache_put,
+        }
+        self.decode: dict[type, Callable[[Any], Any]] = {
+            Claim: _claim_answer,
+            Complete: _complete_answer,
+            Release: bool,
+            Renew: bool,
+            Forget: bool,
+            Admit: _admission,
+            Record: _recorded,
+            SpendRetry: _spend_answer,
+            Switch: _switch_answer,
+            CacheGet: _cache_entry,
+            CachePut: bool,
+        }
+
+    def breaker_key(self, name: str) -> str:
+        return f"{self.brk}{{{_breaker_tag(name)}}}"
+
+    def claim(self, op: Claim) -> Command:
+        return (
+            "EVALSHA", self.sha["claim"], 1, f"{self.idem}{{{op.record}}}", op.owner, int(op.lease_ms),
+            int(op.ttl_ms), op.fingerprint, op.task_id, int(op.now_ms), op.handoff, "1" if op.peek else "",
+        )  # fmt: skip
+
+    def complete(self, op: Complete) -> Command:
+        return (
+            "EVALSHA", self.sha["complete"], 1, f"{self.idem}{{{op.record}}}", op.owner, int(op.token),
+            op.result, int(op.ttl_ms), int(op.now_ms),
+        )  # fmt: skip
+
+    def release(self, op: Release) -> Command:
+        return (
+            "EVALSHA", self.sha["release"], 1, f"{self.idem}{{{op.record}}}", op.owner, int(op.token),
+            int(op.ttl_ms),
+        )  # fmt: skip
+
+    def renew(self, op: Renew) -> Command:
+        return (
+            "EVALSHA", self.sha["renew"], 1, f"{self.idem}{{{op.record}}}", op.owner, int(op.token),
+            int(op.lease_ms), int(op.ttl_ms), int(op.now_ms),
+        )  # fmt: skip
+
+    def forget(self, op: Forget) -> Command:
+        return ("EVALSHA", self.sha["forget"], 1, f"{self.idem}{{{op.record}}}")
+
+    def admit(self, op: Admit) -> Command:
+        n = breaker_numbers(op.policy)
+        return (
+            "EVALSHA", self.sha["admit"], 1, self.breaker_key(op.downstream), int(op.now_ms), op.owner,
+            n.probe_lease_ms, n.half_open_probes, op.downstream, n.ttl_ms,
+        )  # fmt: skip
+
+    def record(self, op: Record) -> Command:
+        n = breaker_numbers(op.policy)
+        return (
+            "EVALSHA", self.sha["record"], 1, self.breaker_key(op.downstream), int(op.now_ms), op.owner,
+            int(op.ok), int(op.fail), int(op.slow), int(op.slowfail), int(op.first_attempts),
+            "1" if op.probe else "0", n.failure_rate, n.min_calls, n.window_ms, n.buckets,
+            n.consecutive_failures, n.slow_call_rate, n.open_for_ms, n.open_for_max_ms,
+            n.half_open_probes, op.downstream, n.ttl_ms,
+        )  # fmt: skip
+
+    def spend_retry(self, op: SpendRetry) -> Command:
+        n = breaker_numbers(op.policy)
+        return (
+            "EVALSHA", self.sha["spend_retry"], 1, self.breaker_key(op.downstream), int(op.now_ms),
+            float(op.budget.ratio), int(op.budget.min_per_window), n.window_ms, n.buckets, op.downstream,
+            n.ttl_ms,
+        )  # fmt: skip
+
+    def switch(self, op: Switch) -> Command:
+        return (
+            "EVALSHA", self.sha["switch"], 1, self.breaker_key(op.downstream), op.mode, op.downstream,
+            int(op.now_ms), BREAKER_TTL_MS, op.source,
+        )  # fmt: skip
+
+    def cache_get(self, op: CacheGet) -> Command:
+        return (
+            "EVALSHA", self.sha["cache_get"], 1, f"{self.fb}{{{op.record}}}", int(op.now_ms),
+            "1" if op.serve else "0", int(op.failures), int(op.ttl_ms), float(op.decay), int(op.floor_ms),
+            int(op.max_stale_ms),
+        )  # fmt: skip
+
+    def cache_put(self, op: CachePut) -> Command:
+        return (
+            "EVALSHA", self.sha["cache_put"], 1, f"{self.fb}{{{op.record}}}", op.value, int(op.now_ms),
+            int(op.ttl_ms), op.kind,
+        )  # fmt: skip
+
+
+def _claim_answer(raw: Any) -> ClaimAnswer:
+    verdict = _CLAIM_VERDICTS[raw[0]]
+    if verdict == "done":
+        return ClaimAnswer(verdict, raw[1], _maybe_text(raw[2]))
+    if verdict == "in_flight":
+        return ClaimAnswer(verdict, raw[1], None, raw[2])
+    return ClaimAnswer(verdict, raw[1])
+
+
+def _complete_answer(raw: Any) -> CompleteAnswer:
+    if raw[0]:
+        return CompleteAnswer(True)
+    return CompleteAnswer(False, text(raw[1]), _maybe_text(raw[2]) if len(raw) > 2 else None)
+
+
+def _admission(raw: Any) -> Admission:
+    return Admission(_VERDICTS[raw[0]], text(raw[1]), raw[2], raw[3], text(raw[4]))
+
+
+def _recorded(raw: Any) -> Recorded:
+    return Recorded(text(raw[0]), bool(raw[1]), raw[2])
+
+
+def _spend_answer(raw: Any) -> SpendAnswer:
+    return SpendAnswer(bool(raw[0]), raw[1], raw[2])
+
+
+def _switch_answer(raw: Any) -> SwitchAnswer:
+    return SwitchAnswer(text(raw[0]), bool(raw[1]))
+
+
+def _cache_entry(raw: Any) -> CacheEntry:
+    if not raw:
+        return CacheEntry()
+    kind = _KINDS[raw[0]]
+    if kind == "ok":
+        return CacheEntry(kind, text(raw[1]), raw[2], raw[3], _maybe_text(raw[4]) if len(raw) > 4 else None)
+    return CacheEntry(kind, _maybe_text(raw[1]))
+
+
