@@ -10,7 +10,7 @@ out. Kernel work (the socket calls themselves) is not counted: read it as the CP
 task's Python and C in user space, not as time.
 
     python -m benchmarks.instructions            # needs valgrind
-    python -m benchmarks.instructions --variants idempotency,idem_floor --calls 2000
+    python -m benchmarks.instructions --variants plain,idempotency --calls 2000
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-VARIANTS = ("plain", "idem_floor", "idempotency", "breaker", "all_guards")
+VARIANTS = ("plain", "idempotency", "breaker", "all_guards")
 WARMUP = 300
 
 
@@ -36,22 +36,12 @@ def child(variant: str, calls: int, port: int) -> None:
 
     import resilient_tasks as rt
 
-    from .floor import IdempotencyFloor
     from .policies import register
 
     app = Celery("instructions", broker="memory://", set_as_current=False)
     app.conf.task_ignore_result = True
     rt.install(app, redis_url=f"redis://127.0.0.1:{port}/1")
-    if variant == "idem_floor":
-        floor = IdempotencyFloor("127.0.0.1", port, 1)
-
-        def body(n: int) -> int:
-            floor.run("bench.idem_floor", n)
-            return n + 1
-
-        task = app.task(name="bench.idem_floor", shared=False)(body)
-    else:
-        task = register(app, variant, shared=False)
+    task = register(app, variant, shared=False)
     app.finalize()
     trace = build_tracer(task.name, task, app=app, eager=False, propagate=True)
     first = int.from_bytes(os.urandom(4), "big") * 100_000  # fresh keys every run
@@ -97,13 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for v in variants:
             per_call[v] = (counts[(v, args.small + args.calls)] - counts[(v, args.small)]) / args.calls
     plain = per_call.get("plain")
-    floor = per_call.get("idem_floor")
     print("instructions per call (user space, callgrind), thousands")
-    print(f"{'variant':12s} {'per call':>9s} {'over plain':>11s} {'over idem_floor':>16s}")
+    print(f"{'variant':12s} {'per call':>9s} {'over plain':>11s}")
     for v in variants:
         over_plain = f"{(per_call[v] - plain) / 1000:11.1f}" if plain is not None else f"{'-':>11s}"
-        over_floor = f"{(per_call[v] - floor) / 1000:16.1f}" if floor is not None else f"{'-':>16s}"
-        print(f"{v:12s} {per_call[v] / 1000:9.1f} {over_plain} {over_floor}")
+        print(f"{v:12s} {per_call[v] / 1000:9.1f} {over_plain}")
     return 0
 
 

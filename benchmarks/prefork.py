@@ -8,13 +8,9 @@ Each measurement fills a variant's queue, tells the worker to consume it
 The rate is taken from the tasks' own ``date_done`` in the result backend, the first
 tenth left out. Variants rotate each round and the order is reversed after each full
 rotation, so each variant follows each other one; ratios are medians of per-round
-ratios against plain, printed with the spread of those ratios.
-
-``two_trips`` is plain Celery plus two raw store round trips in the body: the ceiling of
-any design that spends two round trips per task, on this machine and pool. ``idem_floor``
-runs the library's own ``claim`` and ``complete`` scripts the same way, with the key hashed
-as the library hashes it and nothing else (``benchmarks.floor``): the ceiling of any
-client of those scripts, so ``idempotency`` minus ``idem_floor`` is our Python's share.
+ratios against plain, printed with the spread of those ratios, and the CPU per task of
+the worker's main process, its pool processes, the store's redis-server and the broker's
+(from ``/proc`` and ``INFO cpu``).
 
     python -m benchmarks.prefork --tasks 3000 --rounds 8 --concurrency 2
 """
@@ -24,10 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -37,13 +31,10 @@ from celery import Celery
 
 from resilient_tasks.testing import RedisServer, SubprocessWorker
 
-from . import threadcpu
 from .overhead import orders
+from .policies import POLICIES
 
-#: ``two_trips`` is plain Celery plus two raw store round trips: the ceiling of any design
-#: that spends two round trips per task. ``idem_floor`` runs our own ``claim`` and
-#: ``complete`` scripts the same way (``benchmarks.floor``): the ceiling of any client of them.
-VARIANTS = ("plain", "two_trips", "idem_floor", "idempotency", "breaker", "all_guards")
+VARIANTS = tuple(POLICIES)
 IDLE_QUEUE = "bench.idle"
 
 
@@ -147,11 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=2, help="pool processes")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per measurement")
     parser.add_argument("--json", action="store_true", help="one JSON object per variant per line")
-    parser.add_argument("--thread-cpu", action="store_true",
-                        help="also time our call, each store trip and Celery's result write on the "
-                             "pool processes' own thread (benchmarks.threadcpu; adds a little CPU)")
     args = parser.parse_args(argv)
-    probe = tempfile.mkdtemp(prefix="rt-thread-cpu-") if args.thread_cpu else None
     rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
     cpus: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
     with RedisServer() as broker, RedisServer() as store:
@@ -160,7 +147,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "BENCH_BACKEND": broker.url(1),
             "BENCH_STORE": store.url(0),
             "PYTHONPATH": os.getcwd(),
-            **({"BENCH_THREAD_CPU": probe} if probe else {}),
         }
         publisher = Celery("bench-client", broker=broker.url(0), set_as_current=False)
         publisher.conf.update(broker_connection_retry_on_startup=True)
@@ -202,11 +188,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             **{f"cpu_us_{where}": round(statistics.median(c[where] for c in cpus[variant]), 1)
                for where in cpus[variant][0]},
         })
-    spent = threadcpu.read(probe) if probe else {}
-    if probe:
-        shutil.rmtree(probe, ignore_errors=True)
-        for row in rows:
-            row["thread_cpu_us"] = {k: round(v, 1) for k, v in spent.get(f"bench.{row['variant']}", {}).items()}
     if args.json:
         for row in rows:
             print(json.dumps(row))
@@ -222,15 +203,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{row['cpu_us_pool_processes']:6.0f} {row['cpu_us_store_redis']:6.0f} "
             f"{row['cpu_us_broker_redis']:6.0f}  " + " ".join(f"{r:.2f}" for r in row["ratios"])
         )
-    if probe:
-        print("pool process thread CPU, us: per ResilientTask call (trips and body included), "
-              "per store round trip, per Celery result write")
-        for row in rows:
-            seen = row["thread_cpu_us"]
-            print(f"{row['variant']:<12} " + "  ".join(
-                f"{label} {seen[label]:6.1f}" if label in seen else f"{label} {'-':>6}"
-                for label in threadcpu.LABELS
-            ))
     return 0
 
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .errors import ClaimLost, StoreUnavailable
-from .store.base import Op
+from .store.protocol import Op
 
 if TYPE_CHECKING:
-    from .breaker import Admission
     from .policy import TaskPolicy
     from .runtime import Runtime
+    from .store.protocol import Admission
     from .task import ResilientTask
 
 __all__ = ["Call", "ClaimHandle", "current_call", "current_deadline"]
@@ -84,7 +84,6 @@ class Call:
     celery_request: Any = None
     fallback_prefetched: bool = False
     lease_s: float | None = None
-    epoch_seen: bool = False
     #: Run right before the body (a claim put off until the breaker has admitted the call).
     before_body: Callable[[], None] | None = None
     #: The result's JSON by ``id``, shared by the guards that store it.
@@ -105,7 +104,7 @@ class Call:
             ops_by_guard = [(g, g.prepare(self)) for g in self.preparers]
             flat = [op for _, ops in ops_by_guard for op in ops]
             try:
-                answers = self.runtime.store.run(flat) if flat else []
+                answers = self.runtime.store.batch(flat) if flat else []
             except StoreUnavailable as exc:
                 self._begin_error = exc
                 raise

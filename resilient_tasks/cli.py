@@ -21,7 +21,7 @@ from .errors import PolicyError, StoreUnavailable
 from .keys import digest
 from .policy import TaskPolicy
 from .runtime import Runtime, check_visibility_timeout, runtime_for
-from .store.base import Op
+from .store.protocol import Forget
 from .switches import MODES, breakers, close_breaker, reset_breaker, set_switch
 
 __all__ = ["resilience", "server_ms", "status_rows"]
@@ -84,11 +84,7 @@ def status_rows(raw: list[dict[str, str]], now_ms: int) -> list[dict[str, Any]]:
 
 
 def server_ms(runtime: Runtime) -> int:
-    client = getattr(runtime.store, "client", None)
-    if client is None:
-        return int(time.time() * 1000)
-    seconds, micros = client.time()
-    return int(seconds) * 1000 + int(micros) // 1000
+    return runtime.store.now_ms()
 
 
 def _print(rows: list[dict[str, Any]], title: str, as_json: bool) -> None:
@@ -127,11 +123,9 @@ def _switch(ctx: click.Context, name: str, mode: str, as_json: bool) -> None:
     runtime = _runtime(ctx)
     try:
         if mode == "close":
-            close_breaker(runtime, name)
-            previous = "-"
+            previous = close_breaker(runtime, name)
         elif mode == "reset":
-            reset_breaker(runtime, name)
-            previous = "-"
+            previous = reset_breaker(runtime, name)
         else:
             previous = set_switch(runtime, name, mode)
     except StoreUnavailable as exc:
@@ -177,13 +171,13 @@ def degrade(ctx: click.Context, name: str, mode: str, as_json: bool) -> None:
 def forget(ctx: click.Context, key: str, task_name: str, yes: bool, as_json: bool) -> None:
     """Drop the idempotency record of KEY for a task: its next message runs the body again."""
     runtime = _runtime(ctx)
-    record = runtime.store.key("idem", digest(task_name, key))
+    record = digest(task_name, key)
     if not yes:
         click.confirm(
             f"Drop the idempotency record of {key!r} for {task_name}? The body may run again", abort=True
         )
     try:
-        (removed,) = runtime.store.run([Op("forget", (record,), ())])
+        (removed,) = runtime.store.batch([Forget(record)])
     except StoreUnavailable as exc:
         raise click.ClickException(str(exc)) from exc
     result = {"task": task_name, "key": key, "record": record, "removed": bool(removed)}

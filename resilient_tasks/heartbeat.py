@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from .call import ClaimHandle
 from .errors import StoreUnavailable
 from .process import current_pid
-from .store.base import Op, Store
+from .store.protocol import Op, Renew, Store
 
 __all__ = ["Heartbeat"]
 
@@ -133,7 +133,7 @@ class Heartbeat:
     def _deliver(self, pending: list[_Pending]) -> None:
         ops = [op for p in pending for op in p.ops]
         try:
-            self._store().run(ops)
+            self._store().batch(ops)
         except StoreUnavailable as exc:
             now = time.monotonic()  # after the attempt: a slow one must not make the next due now
             with self._lock:
@@ -150,17 +150,13 @@ class Heartbeat:
         log.warning("delivered %d completion writes late, after the store came back", len(ops))
 
     def _renew(self, leases: list[_Lease]) -> None:
-        ops = [
-            Op(
-                "renew",
-                (lease.claim.key,),
-                (lease.claim.owner, lease.claim.token, lease.lease_ms, lease.ttl_ms, 0),
-            )
+        ops: list[Op] = [
+            Renew(lease.claim.key, lease.claim.owner, lease.claim.token, lease.lease_ms, lease.ttl_ms)
             for lease in leases
         ]
         now = time.monotonic()
         try:
-            results = self._store().run(ops)
+            results = self._store().batch(ops)
         except StoreUnavailable as exc:
             log.warning("lease renewal failed, will retry: %s", exc)
             with self._lock:
@@ -169,7 +165,7 @@ class Heartbeat:
             return
         with self._lock:
             for lease, renewed in zip(leases, results, strict=True):
-                if int(renewed) != 1:
+                if not renewed:
                     lease.claim.lost = True
                     self._leases.pop(id(lease.claim), None)
                     log.warning("idempotency claim token %s was lost", lease.claim.token)

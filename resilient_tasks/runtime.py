@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any
 from celery import signals
 
 from . import policyfile
-from .breaker import LocalBreaker
 from .call import DEADLINE_HEADER, current_deadline
 from .errors import PolicyError, StoreUnavailable
 from .heartbeat import Heartbeat
-from .keys import owner_id
 from .policy import BreakerPolicy
-from .store.base import Op, Store
+from .store.memory import MemoryStore
+from .store.protocol import Admission, Store
 from .store.redis import RedisStore
+from .store.urls import redact
 from .telemetry import MetricsSink, default_sinks
 
 if TYPE_CHECKING:
@@ -87,9 +87,7 @@ class Runtime:
         self._lock = threading.RLock()
         self.counters: Counter[tuple[str, str]] = Counter()
         self.refusing: dict[str, tuple[float, int]] = {}
-        # The epoch marker lives in another hash slot than the records: single-node only.
-        self.epoch_guard = epoch_guard and not cluster
-        self.epoch_seen = False
+        self.epoch_guard = epoch_guard
         self.sinks: list[MetricsSink] = default_sinks()
         self.policies_path: str | None = None
         self.policy_file: policyfile.PolicyFile | None = None
@@ -97,30 +95,9 @@ class Runtime:
         self._resolved: dict[str, tuple[TaskPolicy, policyfile.Resolved]] = {}
         self._next_check = 0.0
         self._refused_mtime: float | None = None
-        self._local_breakers: dict[str, LocalBreaker] = {}
-        self._epoch_keys: tuple[Store, tuple[str, ...]] | None = None
-
-    # -- the epoch: noticing a store that lost its data ----------------------------------
-
-    def epoch_keys(self) -> tuple[str, ...]:
-        """Keys the claim script checks for a restart that lost data (single-node only)."""
-        if not self.epoch_guard:
-            return ()
-        store = self.store
-        cached = self._epoch_keys
-        if cached is None or cached[0] is not store:
-            keys = (store.key("meta", "epoch"), store.key("meta", "epoch", "amnesia"))
-            cached = self._epoch_keys = (store, keys)
-        return cached[1]
-
-    def reset_epoch(self, *, seen_before: bool) -> tuple[bool, int]:
-        """Create the epoch marker; if this process had seen one, declare amnesia."""
-
-        epoch, amnesia = self.epoch_keys()
-        window = int(self.longest_lease() * 1000)
-        op = Op("epoch", (epoch, amnesia), (int(seen_before), window, owner_id()))
-        (answer,) = self.store.run([op])
-        return bool(int(answer[0])), int(answer[1])
+        #: This process's stand-in for breakers and retry budgets while the store is
+        #: unreachable (fail-open): the same operations, in memory.
+        self.local = MemoryStore(clock)
 
     def longest_lease(self) -> float:
         """The longest idempotency lease of this app's tasks (how long an old run may live)."""
@@ -155,14 +132,6 @@ class Runtime:
         from_file = self.policy_file.downstreams.get(name) if self.policy_file else None
         return from_file or task_policy.breaker or DEFAULT_BREAKER
 
-    def local_breaker(self, name: str, policy: BreakerPolicy) -> LocalBreaker:
-        """This process's stand-in for ``name`` while Redis is unreachable (fail-open)."""
-        with self._lock:
-            breaker = self._local_breakers.get(name)
-            if breaker is None or breaker.policy != policy:
-                breaker = self._local_breakers[name] = LocalBreaker(policy)
-            return breaker
-
     @property
     def store(self) -> Store:
         """The shared store; a fork gets its own connections (redis-py checks the pid)."""
@@ -180,7 +149,12 @@ class Runtime:
                     f"redis_url=...) or set {REDIS_URL_ENV}",
                 )
             store = RedisStore(
-                self.redis_url, prefix=self.prefix, cluster=self.cluster, **self._redis_options
+                self.redis_url,
+                prefix=self.prefix,
+                cluster=self.cluster,
+                amnesia_guard=self.epoch_guard,
+                amnesia_window_ms=lambda: int(self.longest_lease() * 1000),
+                **self._redis_options,
             )
             # Off the task's path: a slow or refused CONFIG GET must not delay a task.
             threading.Thread(target=store.check_eviction, name="rt-eviction-check", daemon=True).start()
@@ -196,13 +170,13 @@ class Runtime:
         self._resolved.clear()
         self._next_check = time.monotonic() + self.reload_interval
 
-    def note_admission(self, downstream: str, admission: Any) -> None:
+    def note_admission(self, downstream: str, admission: Admission) -> None:
         """Remember how ``downstream`` answered last, so the next call's ``begin`` trip can
         fetch a fallback in advance while it refuses calls (one round trip, not two)."""
         if admission.allowed:
             self.refusing.pop(downstream, None)
         else:
-            until = time.monotonic() + max(1.0, float(admission.retry_after))
+            until = time.monotonic() + max(1.0, admission.retry_after_ms / 1000.0)
             self.refusing[downstream] = (until, int(admission.consecutive_failures))
 
     def refusal_hint(self, downstream: str | None) -> int | None:
@@ -221,9 +195,10 @@ class Runtime:
             return
 
         def warm() -> None:
-            warm_up = getattr(self.store, "warm", None)
-            if warm_up is not None:
-                warm_up()
+            try:
+                self.store.warm()
+            except PolicyError as exc:
+                log.error("%s", exc)
 
         threading.Thread(target=warm, name="rt-store-warm-up", daemon=True).start()
 
@@ -442,8 +417,13 @@ def install(
     that restarted and lost its data; ``clock`` is for simulations and tests.
     """
     redis_url = redis_url or os.environ.get(REDIS_URL_ENV)
-    if redis_url is not None and not redis_url.startswith(("redis://", "rediss://", "unix://")):
-        raise PolicyError("install.redis_url", f"must be a redis://, rediss:// or unix:// URL: {redis_url!r}")
+    if redis_url is not None and not redis_url.startswith(
+        ("redis://", "rediss://", "unix://", "sentinel://")
+    ):
+        raise PolicyError(
+            "install.redis_url",
+            f"must be a redis://, rediss://, unix:// or sentinel:// URL: {redact(redis_url)!r}",
+        )
     policies = policies or os.environ.get(POLICIES_ENV) or None
     _check_serializers(app)
     if _configure:

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .breaker import BREAKER_TTL_MS, breaker_key
 from .errors import PolicyError
 from .runtime import Runtime, runtime_for
-from .store.base import Op, as_text
+from .store.protocol import Switch
 
 __all__ = ["ACTIONS", "MODES", "breakers", "close_breaker", "reset_breaker", "set_switch"]
 
@@ -33,11 +32,9 @@ def _runtime(target: Any) -> Runtime:
 
 def _apply(target: Any, downstream: str, mode: str, source: str) -> tuple[str, bool]:
     runtime = _runtime(target)
-    store = runtime.store
-    args = (mode, downstream, runtime.now_ms(), BREAKER_TTL_MS, source)
-    (answer,) = store.run([Op("set_switch", (breaker_key(store, downstream),), args)])
-    previous = as_text(answer[0])
-    return previous, bool(int(answer[1]))
+    op = Switch(downstream, mode, source, runtime.now_ms())  # type: ignore[arg-type]
+    (answer,) = runtime.store.batch([op])
+    return answer.previous, answer.applied
 
 
 def set_switch(target: Any, downstream: str, mode: str, *, source: str = "cli") -> str:
@@ -48,27 +45,23 @@ def set_switch(target: Any, downstream: str, mode: str, *, source: str = "cli") 
     return _apply(target, downstream, mode, source)[0]
 
 
-def close_breaker(target: Any, downstream: str) -> None:
-    """Back to CLOSED with the switch at ``normal`` (its window of outcomes is kept)."""
-    _apply(target, downstream, "close", "cli")
+def close_breaker(target: Any, downstream: str) -> str:
+    """Back to CLOSED with the switch at ``normal`` (its window of outcomes is kept);
+    returns the switch it had."""
+    return _apply(target, downstream, "close", "cli")[0]
 
 
-def reset_breaker(target: Any, downstream: str) -> None:
-    """Forget ``downstream``'s window, state and switch: it starts CLOSED and empty."""
-    _apply(target, downstream, "reset", "cli")
+def reset_breaker(target: Any, downstream: str) -> str:
+    """Forget ``downstream``'s window, state and switch: it starts CLOSED and empty;
+    returns the switch it had."""
+    return _apply(target, downstream, "reset", "cli")[0]
 
 
 def breakers(target: Any) -> list[dict[str, Any]]:
     """Every breaker the store knows, as plain fields (read-only; for status tables)."""
-    runtime = _runtime(target)
-    store = runtime.store
-    client = getattr(store, "client", None)
-    if client is None:
-        return []
     found = []
-    for key in client.scan_iter(f"{store.prefix}:brk:*", count=500):
-        raw = client.hgetall(key)
-        fields = {k.decode(): v.decode() for k, v in raw.items()}
-        fields["key"] = key.decode()
+    for view in _runtime(target).store.breakers():
+        fields: dict[str, Any] = dict(view.fields)
+        fields.setdefault("name", view.downstream)
         found.append(fields)
-    return sorted(found, key=lambda f: f.get("name", ""))
+    return found

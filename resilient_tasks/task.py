@@ -16,18 +16,18 @@ from typing import Any, ClassVar
 
 from celery import Task
 
-from .breaker import Admission
 from .call import DEADLINE_HEADER, Call, ClaimHandle, current_call
 from .errors import PolicyError, StoreUnavailable
 from .guards import link
 from .guards.breaker import BreakerGuard, downstream_call
 from .guards.deadline import deadline_guard
 from .guards.fallback import _GUARD as FALLBACK_GUARD
-from .guards.idempotency import DEFAULT_LEASE, DURABLE_SCRIPTS, IdempotencyGuard
+from .guards.idempotency import DEFAULT_LEASE, DURABLE_OPS, IdempotencyGuard
 from .guards.retry import retry_guard
 from .memo import PerObject
 from .policy import TaskPolicy
 from .runtime import check_visibility_timeout, parse_expires, runtime_for
+from .store.protocol import Admission
 from .telemetry import telemetry_guard
 
 __all__ = ["ResilientTask", "build_chain"]
@@ -218,11 +218,11 @@ def _finish(call: Call, *, failed: bool) -> None:
     budget = call.runtime.store_timeout() / 2
     for pause in END_RETRY_PAUSES:
         try:
-            answers = call.runtime.store.run(ops)
+            answers = call.runtime.store.batch(ops)
             break
         except StoreUnavailable as exc:
             if pause is None or time.monotonic() - started + pause > budget:
-                durable = [op for op in ops if op.script in DURABLE_SCRIPTS]
+                durable = [op for op in ops if isinstance(op, DURABLE_OPS)]
                 log.error(
                     "could not record the outcome (%s ops) in the store: %s; %s handed to the "
                     "background until the lease ends",

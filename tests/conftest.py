@@ -18,6 +18,9 @@ from celery import Celery
 import resilient_tasks as rt
 from resilient_tasks.testing import RedisServer
 
+# Our fixtures (rt_redis, rt_redis_flushed) are opt-in, as in any project that uses them.
+pytest_plugins = ["resilient_tasks.testing"]
+
 
 @pytest.fixture(autouse=True)
 def _collect_results_while_redis_is_up() -> Iterator[None]:

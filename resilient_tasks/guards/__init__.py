@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..call import Call
-from ..store.base import Op
+from ..store.protocol import Op
 
 __all__ = ["PASS_THROUGH", "Guard", "Next", "link"]
 

@@ -2,8 +2,8 @@
 
 A task whose downstream is open does not run and spends no retry: it is deferred to the
 half-open time plus jitter (``when_open="defer"``, bounded by ``max_deferrals`` and the
-deadline), served from fallback, or failed with ``CircuitOpen``. While Redis is
-unreachable a per-process ``LocalBreaker`` of the same policy decides (fail-open).
+deadline), served from fallback, or failed with ``CircuitOpen``. While the store is
+unreachable this process's ``MemoryStore`` (``runtime.local``) decides alike (fail-open).
 """
 
 from __future__ import annotations
@@ -15,19 +15,51 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from ..breaker import Admission, admit_op, outcome_of, parse_admission, record_op
 from ..call import DEFERRALS_HEADER, Call
 from ..errors import CircuitOpen, StoreUnavailable
 from ..keys import owner_id
 from ..policy import BreakerPolicy, matches
 from ..schedule import defer
-from ..store.base import Op, as_text
+from ..store.protocol import Admission, Admit, Op, Record, Recorded
 from . import PASS_THROUGH, Next
 from .fallback import serve_fallback
 
-__all__ = ["BreakerGuard", "downstream_call", "on_open", "task_breaker"]
+__all__ = ["BreakerGuard", "downstream_call", "on_open", "outcome_of", "record_op", "task_breaker"]
 
 log = logging.getLogger(__name__)
+
+
+def outcome_of(policy: BreakerPolicy, failed: bool, duration: float | None) -> str:
+    """``ok``/``fail``, with ``slow`` when the call took at least ``slow_call`` seconds."""
+    slow = policy.slow_call is not None and duration is not None and duration >= policy.slow_call
+    if slow:
+        return "slowfail" if failed else "slow"
+    return "fail" if failed else "ok"
+
+
+def record_op(
+    name: str,
+    policy: BreakerPolicy,
+    owner: str,
+    outcome: str,
+    *,
+    probe: bool,
+    first_attempt: bool,
+    now_ms: int,
+) -> Record:
+    """One outcome (``none``: the call never reached the downstream) as a ``Record``."""
+    return Record(
+        downstream=name,
+        policy=policy,
+        owner=owner,
+        ok=int(outcome == "ok"),
+        fail=int(outcome == "fail"),
+        slow=int(outcome == "slow"),
+        slowfail=int(outcome == "slowfail"),
+        first_attempts=int(first_attempt and outcome != "none"),
+        probe=probe,
+        now_ms=now_ms,
+    )
 
 
 def task_breaker(call: Call) -> tuple[str, BreakerPolicy] | None:
@@ -59,11 +91,11 @@ def on_switch(call: Call, name: str, policy: BreakerPolicy, admission: Admission
     call.outcome["switch"] = admission.switch
     if admission.switch == "fallback_only":
         call.runtime.count("switch_fallback_only", name)
-        return serve_fallback(call, CircuitOpen(name, admission.retry_after))
+        return serve_fallback(call, CircuitOpen(name, admission.retry_after_ms / 1000.0))
     if admission.switch == "reject":
         call.runtime.count("switch_reject", name)
-        raise CircuitOpen(name, admission.retry_after)
-    return on_open(call, name, policy, admission.retry_after or policy.open_for)
+        raise CircuitOpen(name, admission.retry_after_ms / 1000.0)
+    return on_open(call, name, policy, admission.retry_after_ms / 1000.0 or policy.open_for)
 
 
 class BreakerGuard:
@@ -75,19 +107,18 @@ class BreakerGuard:
             return []
         name, policy = found
         call.breaker_owner = owner_id()
-        return [admit_op(call.runtime.store, name, policy, call.breaker_owner, call.runtime.now_ms())]
+        return [Admit(name, policy, call.breaker_owner, call.runtime.now_ms())]
 
     def abandon(self, call: Call) -> list[Op]:
         """A replayed or deferred call frees the probe lease it was handed."""
         found = task_breaker(call)
         answers = call.begin(self) if found is not None else []
-        admission = parse_admission(answers[0]) if answers else None
+        admission: Admission | None = answers[0] if answers else None
         if admission is None or not admission.probe or found is None:
             return []
         name, policy = found
         return [
             record_op(
-                call.runtime.store,
                 name,
                 policy,
                 call.breaker_owner,
@@ -104,12 +135,12 @@ class BreakerGuard:
             return self._inner_open(call, next)
         name, policy = found
         try:
-            admission = _admission(call.begin(self))
+            (admission,) = call.begin(self)
         except StoreUnavailable as exc:
             call.breaker_local = True
             call.runtime.count("breaker_local", name)
             log.warning("breaker %r: store unavailable, using the local breaker: %s", name, exc)
-            admission = call.runtime.local_breaker(name, policy).admit(call.breaker_owner, _local_now(call))
+            admission = _local(call, Admit(name, policy, call.breaker_owner, _local_now(call)))
         call.admission = admission
         call.outcome["breaker_state"] = admission.state
         if admission.switch != "normal":
@@ -119,7 +150,7 @@ class BreakerGuard:
         if not admission.allowed:
             if admission.switch != "normal":
                 return on_switch(call, name, policy, admission)
-            return on_open(call, name, policy, admission.retry_after)
+            return on_open(call, name, policy, admission.retry_after_ms / 1000.0)
         try:
             result = self._inner_open(call, next)
         except BaseException:
@@ -150,20 +181,21 @@ class BreakerGuard:
         call.outcome["breaker_outcome"] = outcome
         probe = call.admission is not None and call.admission.probe
         first = call.attempt == 0
+        if outcome == "none" and not probe:
+            return  # nothing reached the downstream and no probe lease to free
         if call.breaker_local:
-            transitioned = call.runtime.local_breaker(name, policy).record(
-                call.breaker_owner,
-                outcome,
-                probe=probe,
-                first_attempt=first,
-                now=_local_now(call),
-            )
-            if transitioned:
+            recorded = _local(
+                call,
+                record_op(
+                    name, policy, call.breaker_owner, outcome, probe=probe, first_attempt=first,
+                    now_ms=_local_now(call),
+                ),
+            )  # fmt: skip
+            if recorded.transitioned:
                 log.warning("local breaker %r changed state", name)
             return
         call.at_end(
             record_op(
-                call.runtime.store,
                 name,
                 policy,
                 call.breaker_owner,
@@ -184,15 +216,14 @@ def downstream_call(call: Call, name: str) -> Iterator[Admission]:
     owner = owner_id()
     local = False
     try:
-        (answer,) = runtime.store.run([admit_op(runtime.store, name, policy, owner, runtime.now_ms())])
-        admission = parse_admission(answer)
+        (admission,) = runtime.store.batch([Admit(name, policy, owner, runtime.now_ms())])
     except StoreUnavailable as exc:
         local = True
         runtime.count("breaker_local", name)
         log.warning("breaker %r: store unavailable, using the local breaker: %s", name, exc)
-        admission = runtime.local_breaker(name, policy).admit(owner, _local_now(call))
+        admission = _local(call, Admit(name, policy, owner, _local_now(call)))
     if not admission.allowed:
-        raise CircuitOpen(name, admission.retry_after)
+        raise CircuitOpen(name, admission.retry_after_ms / 1000.0)
     started = time.monotonic()
     error: BaseException | None = None
     try:
@@ -215,28 +246,19 @@ def _record_now(
     runtime = call.runtime
     first = call.attempt == 0
     if not local:
+        op = record_op(
+            name, policy, owner, outcome, probe=probe, first_attempt=first, now_ms=runtime.now_ms()
+        )
         try:
-            (answer,) = runtime.store.run(
-                [
-                    record_op(
-                        runtime.store,
-                        name,
-                        policy,
-                        owner,
-                        outcome,
-                        probe=probe,
-                        first_attempt=first,
-                        now_ms=runtime.now_ms(),
-                    )
-                ]
-            )
+            (answer,) = runtime.store.batch([op])
         except StoreUnavailable:
             local = True
         else:
             _recorded(call, name, answer)
             return
-    runtime.local_breaker(name, policy).record(
-        owner, outcome, probe=probe, first_attempt=first, now=_local_now(call)
+    _local(
+        call,
+        record_op(name, policy, owner, outcome, probe=probe, first_attempt=first, now_ms=_local_now(call)),
     )
 
 
@@ -244,14 +266,15 @@ def _local_now(call: Call) -> int:
     return int(call.runtime.clock() * 1000)
 
 
-def _admission(answers: list[Any]) -> Admission:
-    (answer,) = answers
-    return parse_admission(answer)
+def _local(call: Call, op: Any) -> Any:
+    """``op`` answered by this process's in-memory stand-in (the store is unreachable)."""
+    (answer,) = call.runtime.local.batch([op])
+    return answer
 
 
-def _recorded(call: Call, name: str, answer: Any) -> None:
-    state = as_text(answer[0])
-    if int(answer[1]):
+def _recorded(call: Call, name: str, answer: Recorded) -> None:
+    state = answer.state
+    if answer.transitioned:
         call.outcome.setdefault("breaker_transitions", []).append((name, state))
         if name == call.policy.downstream:
             call.outcome["breaker_transition"] = state

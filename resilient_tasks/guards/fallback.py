@@ -17,7 +17,7 @@ from ..fallback import NotFound, degraded, entry_ttl
 from ..keys import digest, key_material
 from ..policy import DEFAULT_RETRY_ON, NO_DEFAULT, FallbackPolicy, matches
 from ..sealing import seal, unseal
-from ..store.base import Op, as_text
+from ..store.protocol import CacheEntry, CacheGet, CacheKind, CachePut, Op
 from . import PASS_THROUGH, Next
 
 __all__ = ["FallbackGuard", "serve_fallback"]
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def _key(call: Call) -> str:
+    """The fallback record: sha256(task name, key), shared with the idempotency record
+    when both are keyed alike (hashed once). It is also the seal's context."""
     policy = call.policy.fallback
     assert policy is not None
     if call.fallback_key is None:
@@ -37,7 +39,7 @@ def _key(call: Call) -> str:
                 policy.key, call.task.run, call.args, call.kwargs, call.request.id, call.named
             )
             hashed = digest(call.task.name, material)
-        call.fallback_key = call.runtime.store.key("fb", hashed)
+        call.fallback_key = hashed
     return call.fallback_key
 
 
@@ -66,19 +68,19 @@ def serve_fallback(call: Call, exc: BaseException) -> Any:
         raise exc
     runtime = call.runtime
     name = call.policy.downstream or ""
+    entry: CacheEntry
     try:
         if call.fallback_prefetched and _GUARD in call.preparers:
-            (answer,) = call.begin(_GUARD)  # fetched in the begin trip already
+            (entry,) = call.begin(_GUARD)  # fetched in the begin trip already
         else:
-            (answer,) = runtime.store.run([_serve_op(call, policy)])
+            (entry,) = runtime.store.batch([_serve_op(call, policy)])
     except StoreUnavailable as store_exc:
         log.warning("fallback cache unavailable: %s", store_exc)
-        answer = []
-    text = _opened(call, answer[0]) if answer else None
+        entry = CacheEntry()
+    text = _opened(call, entry.value) if entry.kind == "ok" and entry.value is not None else None
     if text is not None:
-        age = int(answer[1]) / 1000.0
         value = loads(text)
-        return _served(call, name, value, "cache", age)
+        return _served(call, name, value, "cache", entry.age_ms / 1000.0, entry.allowed_ms / 1000.0)
     if policy.function is not None:
         return _served(call, name, policy.function(*call.args, **call.kwargs), "function", None)
     if policy.default is not NO_DEFAULT:
@@ -86,9 +88,8 @@ def serve_fallback(call: Call, exc: BaseException) -> Any:
     raise exc
 
 
-def _opened(call: Call, raw: Any) -> str | None:
+def _opened(call: Call, stored: str) -> str | None:
     """A stored value's JSON text, or None (logged, counted) when its seal is wrong."""
-    stored = as_text(raw)
     text = unseal(call.runtime.hmac_key, _key(call), stored)
     if text is None:
         call.runtime.count("fallback_tampered", call.policy.downstream or "")
@@ -96,9 +97,13 @@ def _opened(call: Call, raw: Any) -> str | None:
     return text
 
 
-def _served(call: Call, name: str, value: Any, source: str, age: float | None) -> Any:
+def _served(
+    call: Call, name: str, value: Any, source: str, age: float | None, allowed: float | None = None
+) -> Any:
     call.outcome["fallback_source"] = source
     call.outcome["fallback_age_s"] = age
+    if allowed is not None:
+        call.outcome["fallback_ttl_s"] = allowed
     call.runtime.count("fallback_served", name)
     return degraded(value, source, age)
 
@@ -107,8 +112,16 @@ def _serve_op(call: Call, policy: FallbackPolicy, failures: int | None = None) -
     ttl_ms, floor_ms = int(policy.ttl * 1000), int(policy.floor * 1000)
     max_stale_ms = int((policy.max_stale or 0) * 1000)
     n = _failures(call) if failures is None else failures
-    args = (call.runtime.now_ms(), n, ttl_ms, policy.decay, floor_ms, max_stale_ms)
-    return Op("cache_serve", (_key(call),), args)
+    return CacheGet(
+        record=_key(call),
+        serve=True,
+        failures=n,
+        ttl_ms=ttl_ms,
+        decay=policy.decay,
+        floor_ms=floor_ms,
+        max_stale_ms=max_stale_ms,
+        now_ms=call.runtime.now_ms(),
+    )
 
 
 class FallbackGuard:
@@ -121,7 +134,7 @@ class FallbackGuard:
         if hint is not None and call.policy.fallback is not None:
             call.fallback_prefetched = True
             return [_serve_op(call, call.policy.fallback, failures=hint + 1)]
-        return [Op("cache_peek", (_key(call),), (call.runtime.now_ms(),))]
+        return [CacheGet(record=_key(call), now_ms=call.runtime.now_ms())]
 
     def abandon(self, call: Call) -> list[Op]:
         return []
@@ -129,15 +142,19 @@ class FallbackGuard:
     def __call__(self, call: Call, next: Next) -> Any:
         policy = call.policy.fallback
         assert policy is not None
+        peek: CacheEntry
         try:
             (peek,) = call.begin(self)
         except StoreUnavailable:
-            peek = []
+            peek = CacheEntry()
         if call.fallback_prefetched:
-            peek = []  # a served-fallback answer, not a peek: the downstream is being tried
-        text = _opened(call, peek[1]) if peek else None
+            # a served-fallback answer, not a peek: the downstream is being tried
+            peek = CacheEntry()
+        kind = peek.kind
+        text = None
+        if kind in ("negative", "failure") and peek.value is not None:
+            text = _opened(call, peek.value)
         if text is not None:
-            kind = as_text(peek[0])
             value = loads(text)
             call.outcome["fallback_source"] = f"{kind}_cache"
             call.runtime.count("negative_hit", call.policy.downstream or "")
@@ -163,7 +180,7 @@ class FallbackGuard:
         self._write(call, policy, result, "ok", ttl)
         return result
 
-    def _write(self, call: Call, policy: FallbackPolicy, value: Any, kind: str, ttl: float) -> None:
+    def _write(self, call: Call, policy: FallbackPolicy, value: Any, kind: CacheKind, ttl: float) -> None:
         if policy.validate is not None and not _valid(policy, value):
             call.outcome["fallback_cached"] = False
             return
@@ -173,10 +190,10 @@ class FallbackGuard:
             return
         call.at_end(self._put(call, policy, text, kind, ttl))
 
-    def _put(self, call: Call, policy: FallbackPolicy, value: Any, kind: str, ttl: float) -> Op:
+    def _put(self, call: Call, policy: FallbackPolicy, value: Any, kind: CacheKind, ttl: float) -> Op:
         text = value if kind != "failure" else dumps(value)
         stored = seal(call.runtime.hmac_key, _key(call), text)
-        return Op("cache_put", (_key(call),), (stored, call.runtime.now_ms(), int(ttl * 1000), kind))
+        return CachePut(_key(call), stored, kind, int(ttl * 1000), call.runtime.now_ms())
 
 
 def _valid(policy: FallbackPolicy, value: Any) -> bool:

@@ -27,10 +27,10 @@ from ..keys import bind_arguments, digest, fingerprint, key_material, owner_id
 from ..memo import PerObject
 from ..policy import IdempotencyPolicy
 from ..schedule import defer
-from ..store.base import Op, as_text
+from ..store.protocol import Claim, ClaimAnswer, Complete, CompleteAnswer, Op, Release
 from . import Next
 
-__all__ = ["DEFAULT_LEASE", "DURABLE_SCRIPTS", "IdempotencyGuard", "lease_seconds"]
+__all__ = ["DEFAULT_LEASE", "DURABLE_OPS", "IdempotencyGuard", "lease_seconds"]
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 DEFAULT_LEASE = 60.0
 #: End-trip writes worth delivering late when the store was down (owner- and
 #: token-checked: a late or repeated one cannot undo a newer claim).
-DURABLE_SCRIPTS = frozenset({"complete", "release"})
+DURABLE_OPS: tuple[type, ...] = (Complete, Release)
 
 
 def task_lease(task: Any, app: Any, policy: IdempotencyPolicy) -> float:
@@ -105,36 +105,28 @@ class IdempotencyGuard:
                 if policy.key != "message" and not callable(policy.key):
                     raise
         material = key_material(policy.key, run, call.args, call.kwargs, call.request.id, named)
-        # ``prefix:idem:{sha256(task name, key)}``: raw input never reaches Redis. The
+        # The record is sha256(task name, key): raw input never reaches the store. The
         # hash is kept on the call for a fallback keyed alike.
-        call.key_digest = digest(call.task.name, material)
-        key = call.runtime.store.key("idem", call.key_digest)
+        call.key_digest = key = digest(call.task.name, material)
         fp = ""
         if policy.fingerprint and not (named is not None and named.keys() <= _key_names(policy)):
             fp = fingerprint(run, call.args, call.kwargs, named)
         call.lease_s = lease_seconds(call, policy)
-        # Whether this process had seen the epoch *before* this claim was sent: another
-        # thread may set it while our claim is in flight, and that must not make a
-        # fleet's first start look like a store that lost its data.
-        call.epoch_seen = call.runtime.epoch_seen
         lease_ms = int(call.lease_s * 1000)
         previous_owner = str(call.headers.get(OWNER_HEADER) or "")
         owner = owner_id()
         call.outcome["idempotency_key"] = key
         call.claim = ClaimHandle(key=key, owner=owner, token=0)
-        return Op(
-            "claim",
-            (key, *call.runtime.epoch_keys()),
-            (
-                owner,
-                lease_ms,
-                int(policy.ttl * 1000),
-                fp,
-                call.request.id or "",
-                call.runtime.now_ms(),
-                previous_owner,
-                "1" if peek else "",
-            ),
+        return Claim(
+            record=key,
+            owner=owner,
+            lease_ms=lease_ms,
+            ttl_ms=int(policy.ttl * 1000),
+            fingerprint=fp,
+            task_id=call.request.id or "",
+            handoff=previous_owner,
+            peek=peek,
+            now_ms=call.runtime.now_ms(),
         )
 
     def abandon(self, call: Call) -> list[Op]:
@@ -142,29 +134,22 @@ class IdempotencyGuard:
         claim, policy = call.claim, call.policy.idempotency
         if claim is None or policy is None or claim.token == 0:
             return []
-        return [Op("release", (claim.key,), (claim.owner, claim.token, int(policy.ttl * 1000)))]
+        return [Release(claim.key, claim.owner, claim.token, int(policy.ttl * 1000))]
 
     def __call__(self, call: Call, next: Next) -> Any:
         policy = call.policy.idempotency
         assert policy is not None
         try:
             (answer,) = call.begin(self)
-            answer = self._settle_epoch(call, answer)
         except StoreUnavailable as exc:
             if self._unguarded(call, policy, exc):
                 return next(call)
-        if as_text(answer[0]) == "free":
+        if answer.verdict == "free":
             return self._claim_before_body(call, policy, next)
-        if as_text(answer[0]) == "claimed":
-            self._claimed(call, policy, int(answer[1]))
+        if answer.verdict == "claimed":
+            self._claimed(call, policy, answer.token)
             return self._run(call, policy, next)
         return self._not_claimed(call, policy, answer)
-
-    def _settle_epoch(self, call: Call, answer: Any) -> Any:
-        if as_text(answer[0]) in ("no_epoch", "amnesia"):
-            answer = self._epoch(call, answer)
-        call.runtime.epoch_seen = True
-        return answer
 
     def _unguarded(self, call: Call, policy: IdempotencyPolicy, exc: StoreUnavailable) -> bool:
         """The store failed: run without a claim (``fail_open``) or defer the job."""
@@ -179,8 +164,7 @@ class IdempotencyGuard:
     def _claim_before_body(self, call: Call, policy: IdempotencyPolicy, next: Next) -> Any:
         def claim_now() -> None:
             try:
-                (answer,) = call.runtime.store.run([self._claim_op(call, peek=False)])
-                answer = self._settle_epoch(call, answer)
+                (answer,) = call.runtime.store.batch([self._claim_op(call, peek=False)])
             except StoreUnavailable as exc:
                 if policy.on_store_error == "fail_open":
                     self._unguarded(call, policy, exc)
@@ -188,9 +172,9 @@ class IdempotencyGuard:
                 raise _NotClaimed(error=exc) from exc
             except (Retry, DeadlineExceeded) as exc:  # a deferral, raised out here
                 raise _NotClaimed(error=exc) from exc
-            if as_text(answer[0]) != "claimed":
+            if answer.verdict != "claimed":
                 raise _NotClaimed(answer)
-            self._claimed(call, policy, int(answer[1]))
+            self._claimed(call, policy, answer.token)
 
         call.before_body = claim_now
         try:
@@ -204,20 +188,22 @@ class IdempotencyGuard:
                 raise refused.error from None
             return self._not_claimed(call, policy, refused.answer)
 
-    def _not_claimed(self, call: Call, policy: IdempotencyPolicy, answer: Any) -> Any:
+    def _not_claimed(self, call: Call, policy: IdempotencyPolicy, answer: ClaimAnswer) -> Any:
         """Someone else's record: replay it, refuse a conflict, or defer behind it."""
-        verdict = as_text(answer[0])
+        verdict = answer.verdict
         claim, call.claim = call.claim, None
+        if verdict == "amnesia":
+            self._amnesia(call, answer.remaining_ms)
         if verdict == "done":
             call.outcome["idempotency"] = "replayed"
-            call.outcome["replayed_token"] = int(answer[1])
-            return _decode(answer[2])
+            call.outcome["replayed_token"] = answer.token
+            return _decode(answer.result)
         if verdict == "conflict":
             call.outcome["idempotency"] = "conflict"
             raise IdempotencyConflict(
                 "this idempotency key was used before with different arguments; the body was not run"
             )
-        remaining = int(answer[2]) / 1000.0
+        remaining = answer.remaining_ms / 1000.0
         call.outcome["idempotency"] = "in_flight"
         if policy.on_duplicate == "drop":
             raise DuplicateInFlight(f"key held by another execution for {remaining:.1f}s more; dropped")
@@ -228,22 +214,11 @@ class IdempotencyGuard:
         jitter = random.uniform(0.0, min(1.0, max(0.05, wait * 0.2)))
         defer(call, wait + jitter, f"duplicate of an in-flight execution ({claim.key if claim else ''})")
 
-    def _epoch(self, call: Call, answer: Any) -> Any:
-        """The store has no epoch marker: first start, or a restart that lost our data."""
-        runtime = call.runtime
-        if as_text(answer[0]) == "no_epoch":
-            seen = call.epoch_seen
-            _, window = runtime.reset_epoch(seen_before=seen)
-            if not seen:  # a fresh fleet: nothing can be in flight, claim again
-                runtime.epoch_seen = True
-                (again,) = runtime.store.run([self._claim_op(call, peek=False)])
-                if as_text(again[0]) not in ("no_epoch", "amnesia"):
-                    return again
-            answer = [b"amnesia", 0, window or int(runtime.longest_lease() * 1000)]
-        remaining = int(answer[2]) / 1000.0
-        call.claim = None
+    def _amnesia(self, call: Call, remaining_ms: int) -> None:
+        """The store lost its data (noticed when a connection was made): fail closed."""
+        remaining = remaining_ms / 1000.0
         call.outcome["idempotency"] = "store_amnesia"
-        runtime.count("store_amnesia")
+        call.runtime.count("store_amnesia")
         log.error(
             "the store lost its data (restart without persistence?): claims fail closed for %.0fs more",
             remaining,
@@ -269,7 +244,7 @@ class IdempotencyGuard:
             claim = call.claim
             if claim is not None and claim.token:
                 call.runtime.heartbeat.untrack(claim)
-                call.at_end(Op("release", (claim.key,), (claim.owner, claim.token, ttl_ms)))
+                call.at_end(Release(claim.key, claim.owner, claim.token, ttl_ms))
             raise
         claim = call.claim
         if claim is None or not claim.token:
@@ -281,7 +256,7 @@ class IdempotencyGuard:
         call.runtime.heartbeat.untrack(claim)
         if call.outcome.get("fallback_source") in ("cache", "function", "default"):
             # A degraded answer is not the job done: free the key for a fresh run later.
-            call.at_end(Op("release", (claim.key,), (claim.owner, claim.token, ttl_ms)))
+            call.at_end(Release(claim.key, claim.owner, claim.token, ttl_ms))
             return result
         payload = encode_capped(
             result, call.runtime.max_result_bytes, "result not stored for replays", call.encoded
@@ -290,16 +265,16 @@ class IdempotencyGuard:
             call.outcome["idempotency_result"] = "not_stored"
             payload = "null"
         call.at_end(
-            Op("complete", (claim.key,), (claim.owner, claim.token, payload, ttl_ms, call.runtime.now_ms())),
+            Complete(claim.key, claim.owner, claim.token, payload, ttl_ms, call.runtime.now_ms()),
             lambda done, answer: _completed(done, claim, answer),
         )
         return result
 
 
-def _completed(call: Call, claim: ClaimHandle, answer: Any) -> None:
-    if int(answer[0]) == 1:
+def _completed(call: Call, claim: ClaimHandle, answer: CompleteAnswer) -> None:
+    if answer.stored:
         return
-    state = as_text(answer[1])
+    state = answer.state
     if not state:
         # The record is gone (the store lost its data, or an operator forgot it): nobody
         # else completed this key, and our body ran under a valid claim. Keep our result.
@@ -309,12 +284,11 @@ def _completed(call: Call, claim: ClaimHandle, answer: Any) -> None:
         return
     call.outcome["idempotency"] = "claim_lost"
     if state == "done":
-        call.replace_result(_decode(answer[2]))
+        call.replace_result(_decode(answer.result))
         log.warning("claim token %s was lost; another execution completed first", claim.token)
         return
     raise ClaimLost(f"claim token {claim.token} was lost before completion (record is {state or 'gone'})")
 
 
-def _decode(raw: Any) -> Any:
-    text = as_text(raw) if raw is not None else "null"
-    return loads(text or "null")
+def _decode(raw: str | None) -> Any:
+    return loads(raw or "null")

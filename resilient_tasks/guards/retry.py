@@ -11,11 +11,11 @@ import math
 from typing import Any
 
 from ..backoff import make_backoff
-from ..breaker import spend_retry_op
 from ..call import PREV_DELAY_HEADER, Call
 from ..errors import RetryBudgetExhausted, StoreUnavailable
 from ..policy import matches
 from ..schedule import check_deadline, retry
+from ..store.protocol import SpendRetry
 from . import PASS_THROUGH, Next
 
 __all__ = ["retry_delay", "retry_guard"]
@@ -60,12 +60,13 @@ def _spend_budget(call: Call, exc: Exception) -> None:
         return
     breaker = call.runtime.breaker_policy(name, call.policy)
     try:
-        op = spend_retry_op(call.runtime.store, name, breaker, policy.budget, call.runtime.now_ms())
-        (answer,) = call.runtime.store.run([op])
-        granted = int(answer[0]) == 1
+        (answer,) = call.runtime.store.batch(
+            [SpendRetry(name, breaker, policy.budget, call.runtime.now_ms())]
+        )
     except StoreUnavailable:
-        local = call.runtime.local_breaker(name, breaker)
-        granted = local.spend_retry(policy.budget, int(call.runtime.clock() * 1000))
+        local_now = int(call.runtime.clock() * 1000)
+        (answer,) = call.runtime.local.batch([SpendRetry(name, breaker, policy.budget, local_now)])
+    granted = answer.granted
     if not granted:
         call.outcome["retry"] = "budget_exhausted"
         call.runtime.count("budget_exhausted", name)

@@ -1,6 +1,8 @@
-"""Shared state: the ``Store`` protocol and its Redis implementation."""
+"""Shared state: the ``Store`` protocol of named operations, and its two implementations
+(``RedisStore`` in Redis through redis-py, ``MemoryStore`` in this process)."""
 
-from .base import Op, Store
+from .memory import MemoryStore
+from .protocol import Op, Store
 from .redis import RedisStore
 
-__all__ = ["Op", "RedisStore", "Store"]
+__all__ = ["MemoryStore", "Op", "RedisStore", "Store"]

@@ -1,6 +1,6 @@
 """The store's operations as ``EVALSHA`` commands, and their answers as typed values.
 
-One Lua script per operation lives in ``lua_next/`` behind a shared ``_prelude.lua``;
+One Lua script per operation lives in ``lua/`` behind a shared ``_prelude.lua``;
 ``Codec`` turns each op into the command that runs its script (keys under the store's
 prefix, one hash tag each) and each reply back into the op's answer type. ``Packer``
 hands the commands to hiredis through redis-py's ``command_packer`` hook.
@@ -59,8 +59,8 @@ class Script(NamedTuple):
 
 @functools.cache
 def scripts() -> dict[str, Script]:
-    """Every ``lua_next/*.lua`` behind the shared ``_prelude.lua``, with its SHA-1."""
-    folder = resources.files(__package__).joinpath("lua_next")
+    """Every ``lua/*.lua`` behind the shared ``_prelude.lua``, with its SHA-1."""
+    folder = resources.files(__package__).joinpath("lua")
     prelude = folder.joinpath("_prelude.lua").read_text(encoding="utf-8")
     found = {}
     for entry in folder.iterdir():

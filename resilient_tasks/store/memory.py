@@ -1,6 +1,6 @@
 """``MemoryStore``: the store's operations in one process, with the scripts' semantics.
 
-It is the twin of the Lua scripts in ``lua_next/`` (the contract suite and a Hypothesis
+It is the twin of the Lua scripts in ``lua/`` (the contract suite and a Hypothesis
 model test hold them to the same answers), and what a worker uses for its breakers while
 Redis is unreachable (fail-open). Each operation below mirrors its script step by step,
 so a change to one is a change to both.

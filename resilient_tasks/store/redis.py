@@ -1,380 +1,594 @@
-"""The Redis store: one Lua script per state change, many scripts per round trip.
+"""``RedisStore``: the store's operations as Lua scripts, through redis-py's public API.
 
-Scripts are sent as ``EVALSHA`` inside a non-transactional pipeline. redis-py's
-``Script`` objects would send ``SCRIPT EXISTS`` before each pipeline; instead a
-``NOSCRIPT`` answer (after a restart or ``SCRIPT FLUSH``) loads the scripts and re-runs
-only the ops that did not execute, which is safe because a NOSCRIPT op changed nothing.
+One script per operation (``lua/``), sent as ``EVALSHA``; a ``batch`` writes every
+op's command on one pooled connection with ``pack_commands``/``send_packed_command`` and
+reads the answers with ``read_response``: one round trip (measured cheaper than a
+``Pipeline``, which builds a command stack and annotates errors). redis-py owns sockets,
+parsing (hiredis), TLS, ACL, Sentinel and Cluster.
+
+- NOSCRIPT (a ``SCRIPT FLUSH``): the scripts are loaded and only the ops that answered
+  NOSCRIPT are sent again, on the same connection in the same trip as the loads; they
+  changed nothing, so that is safe. Nothing else is ever sent twice: a script whose reply
+  was lost may have run (redis-py's retries are off).
+- A batch blocks its caller about two socket timeouts at most: its reads (those of a
+  new connection's check too) end two timeouts after it began, and no NOSCRIPT recovery
+  starts after one timeout has passed.
+- New connections (single node, Sentinel) check the store's epoch marker: a store that
+  restarted without persistence lost every in-flight claim, so claims answer ``amnesia``
+  (fail closed) for a window; no claim pays for the check.
+- ``redis.RedisError`` becomes ``StoreUnavailable`` here and nowhere else, and no
+  password reaches a message.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
-import hashlib
 import inspect
 import logging
+import math
+import threading
 import time
-from collections.abc import Sequence
-from importlib import resources
-from typing import Any
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import redis
-from redis._parsers import _RESP2Parser
 from redis.backoff import NoBackoff
-from redis.exceptions import NoScriptError, RedisError, ResponseError
+from redis.exceptions import AskError, NoScriptError, RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from ..errors import StoreUnavailable
-from ..process import current_pid
-from .base import Op
-from .wire import Wire
+from ..keys import owner_id
+from .evalsha import Codec, Command, Packer, load_commands, script_of, scripts, text
+from .protocol import BreakerView, Claim, ClaimAnswer, Op
+from .urls import parse_sentinel_url, redact, secrets_of
 
-__all__ = ["RedisStore", "load_scripts", "scripts"]
+__all__ = ["RedisStore"]
 
 log = logging.getLogger(__name__)
 
-#: How many times a batch's NOSCRIPT answers are loaded and re-sent.
+#: How many times a batch's NOSCRIPT answers are loaded and sent again.
 NOSCRIPT_TRIES = 3
-#: One store call's reads end this many socket timeouts after it started.
-CALL_BUDGET = 1.5
+#: A batch's reads end this many socket timeouts after it began: room for a new
+#: connection's handshake and check, and the batch's own trip, on a slow network.
+CALL_BUDGET = 2.0
+#: The epoch marker lives this long past the last connection that saw it.
+EPOCH_TTL_MS = 7 * 86_400_000
+#: Claims fail closed this long after amnesia unless told the longest lease.
+DEFAULT_AMNESIA_WINDOW_MS = 60_000
 
 
-def load_scripts() -> dict[str, str]:
-    """Every ``lua/*.lua`` shipped with the package, by name, each behind the shared
-    ``_prelude.lua`` (helpers a script may call, such as ``clock_ms``)."""
-    folder = resources.files(__package__).joinpath("lua")
-    prelude = folder.joinpath("_prelude.lua").read_text(encoding="utf-8")
-    return {
-        entry.name.removesuffix(".lua"): prelude + entry.read_text(encoding="utf-8")
-        for entry in folder.iterdir()
-        if entry.name.endswith(".lua") and not entry.name.startswith("_")
-    }
-
-
-def _lean_connection() -> dict[str, Any]:
-    """Connect with one command (SELECT), not five: RESP2 needs no HELLO, and no
-    CLIENT SETINFO to a server that may not know it. Through a slow network each of those
-    is a round trip a worker would wait for."""
+@functools.cache
+def _no_client_setinfo() -> dict[str, Any]:
+    """The connection argument that turns CLIENT SETINFO off, in this redis-py's words
+    (``driver_info`` in recent releases, ``lib_name``/``lib_version`` before)."""
     params = inspect.signature(redis.connection.AbstractConnection.__init__).parameters
-    lean: dict[str, Any] = {"protocol": 2}
     if "driver_info" in params:
-        lean["driver_info"] = None
-    elif "lib_name" in params:
-        lean.update(lib_name=None, lib_version=None)
-    return lean
+        return {"driver_info": None}
+    return {"lib_name": None, "lib_version": None}
 
 
-@functools.cache
-def scripts() -> dict[str, tuple[str, str]]:
-    """Every script's source and SHA-1, read when the first store needs them."""
-    return {name: (src, hashlib.sha1(src.encode()).hexdigest()) for name, src in load_scripts().items()}
+# -- Sentinel: following the master -----------------------------------------------------
 
 
-def _evalsha_args(op: Op) -> tuple[Any, ...]:
-    return (scripts()[op.script][1], len(op.keys), *op.keys, *op.args)
+class _MasterWatch:
+    """Asks the sentinels where the master is, every ``interval`` seconds, off the task
+    path. redis-py moves a Sentinel pool only when one of its connections breaks or
+    hears READONLY; after a ``SENTINEL FAILOVER`` the old master goes on accepting writes
+    (lost when it is demoted, some ten seconds later), so a connection that stays open
+    would keep writing there. When the answer changes, redis-py's pool closes its idle
+    connections and drops the busy ones as they come back."""
+
+    def __init__(self, pool: Any, interval: float) -> None:
+        self._pool = weakref.ref(pool)
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def ensure(self) -> None:
+        """Started with the first batch, and again in a forked child (threads do not
+        survive a fork)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            if self._stop.is_set():
+                return
+            self._thread = threading.Thread(target=self._run, name="rt-sentinel-watch", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            pool = self._pool()
+            if pool is None:
+                return
+            try:
+                pool.get_master_address()
+            except RedisError as exc:  # the next batch will say so, if it matters
+                log.debug("sentinels not asked where the master is: %s", exc)
+            del pool
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
-@functools.cache
-def _evalsha_head(script: str) -> bytes:
-    sha = scripts()[script][1].encode()
-    return b"$7\r\nEVALSHA\r\n$%d\r\n%s\r\n" % (len(sha), sha)
-
-
-def _bulk(value: Any) -> bytes:
-    if isinstance(value, str):
-        data = str.encode(value)
-    elif isinstance(value, bytes):
-        data = bytes(value)
-    elif isinstance(value, bool):
-        raise TypeError("a script argument may not be a bool")
-    elif isinstance(value, int):
-        data = b"%d" % value
-    elif isinstance(value, float):
-        data = float.__repr__(value).encode()
-    else:
-        raise TypeError(f"a script argument must be str, bytes, int or float, not {type(value).__name__}")
-    return b"$%d\r\n%s\r\n" % (len(data), data)
-
-
-def _pack_loads(names: Sequence[str]) -> bytes:
-    """RESP for ``SCRIPT LOAD`` of each named script."""
-    return b"".join(
-        b"*3\r\n" + _bulk("SCRIPT") + _bulk("LOAD") + _bulk(scripts()[name][0]) for name in names
-    )
-
-
-def pack_evalsha(ops: Sequence[Op]) -> bytes:
-    """RESP for ``EVALSHA`` per op: our args are only str/int/float, so packing them here
-    costs a fraction of redis-py's general packer (the hot path runs it twice per task,
-    for some 50 arguments). Not hiredis's packer: it writes a float subclass (a numpy
-    float) by its ``repr``, which a script cannot read as a number."""
-    parts: list[bytes] = []
-    append = parts.append
-    for op in ops:
-        keys, args = op.keys, op.args
-        append(b"*%d\r\n%s$%d\r\n%d\r\n" % (
-            3 + len(keys) + len(args), _evalsha_head(op.script), len(str(len(keys))), len(keys)
-        ))
-        for key in keys:
-            data = key.encode()
-            append(b"$%d\r\n%s\r\n" % (len(data), data))
-        for value in args:
-            if type(value) is str:
-                data = value.encode()
-            elif type(value) is int:
-                data = b"%d" % value
-            else:
-                append(_bulk(value))
-                continue
-            append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(parts)
+# -- the store --------------------------------------------------------------------------
 
 
 class RedisStore:
-    """Shared state in one Redis (or a TLS/ACL Redis, by URL)."""
+    """Shared state in Redis: one node (``redis://``, ``rediss://``, ``unix://``), a master
+    found through Sentinel (``sentinel://`` or ``sentinels=``), or a Cluster."""
 
     def __init__(
         self,
-        url: str,
+        url: str | None = None,
         *,
         prefix: str = "rt",
         socket_timeout: float = 5.0,
-        client: redis.Redis | None = None,
         cluster: bool = False,
+        sentinels: Sequence[tuple[str, int]] | None = None,
+        service_name: str | None = None,
+        sentinel_kwargs: dict[str, Any] | None = None,
+        amnesia_window_ms: int | Callable[[], int] = DEFAULT_AMNESIA_WINDOW_MS,
+        amnesia_guard: bool = True,
+        master_check_interval: float = 1.0,
         **options: Any,
     ) -> None:
+        """``amnesia_window_ms``: how long claims fail closed once the store is found to
+        have lost its data (the longest lease: a callable is asked at that moment).
+        ``master_check_interval``: how often a Sentinel store asks where the master is
+        (0: only when a connection breaks). ``options`` go to redis-py's connections
+        (``connection_class``, ``ssl_*`` ...)."""
         if not prefix or any(c in prefix for c in "{}* \r\n\0"):
             raise ValueError(f"prefix {prefix!r} must be non-empty with no braces, '*' or spaces")
         self.prefix = prefix
-        self.url = url
-        self._socket_timeout = socket_timeout
-
-        # No silent re-sends: a script whose reply was lost may have run, and only the
-        # guards know whether running it again is safe.
-        options.setdefault("retry", Retry(NoBackoff(), 0))
-        if not cluster:
-            for name, value in _lean_connection().items():
-                options.setdefault(name, value)
-            if url.startswith("rediss://") or options.get("ssl"):
-                # redis-py with the hiredis parser takes a TLS 1.3 session ticket for
-                # unread data and refuses the new connection ("Connection not ready").
-                options.setdefault("parser_class", _RESP2Parser)
         self.cluster = cluster
-        self._idle: collections.deque[Wire] = collections.deque()
-        #: Requests written on our connections (each is one round trip).
-        self.requests_sent = 0
-        self._pid = current_pid()
-        if client is not None:
-            self.client: Any = client
-        elif cluster:
-            # Every script touches one hash slot ({tag}), so each op goes to one node.
-            self.client = redis.RedisCluster.from_url(
-                url, socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, **options
-            )
-        else:
-            self.client = redis.Redis.from_url(
-                url,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=socket_timeout,
-                health_check_interval=30,
-                **options,
-            )
-        self._timeout = self._timeout_setting()
+        self.trips = 0
+        #: How many times this process found the store had lost its data.
+        self.amnesia_detections = 0
+        self._codec = Codec(prefix)
+        self._epoch_keys = (f"{prefix}:meta:{{epoch}}", f"{prefix}:meta:{{epoch}}:amnesia")
+        self._amnesia_window = amnesia_window_ms
+        self._amnesia_guard = amnesia_guard and not cluster
+        self._epoch: tuple[str, float] = ("", 0.0)  # the marker seen, and until when it is sure
+        self._amnesia_until = 0.0
+        self._local = threading.local()
+        self._sentinel: Sentinel | None = None
+        self._watch: _MasterWatch | None = None
+        self._client: Any = None
+        self.where = redact(url or "")
 
-    def _timeout_setting(self) -> float | None:
-        if self.cluster:
-            return self._socket_timeout
-        value = self.client.connection_pool.connection_kwargs.get("socket_timeout")
-        return float(value) if value is not None else None
+        # No silent re-sends: a script whose reply was lost may have run.
+        options.setdefault("retry", Retry(NoBackoff(), 0))
+        options.setdefault("socket_timeout", socket_timeout)
+        options.setdefault("socket_connect_timeout", options["socket_timeout"])
+        # A lean handshake: RESP2 needs no HELLO, and CLIENT SETINFO is two more trips.
+        options.setdefault("protocol", 2)
+        for name, value in _no_client_setinfo().items():
+            options.setdefault(name, value)
+        options["decode_responses"] = False
+        if not cluster:  # (RedisCluster does not pass the hook on)
+            options.setdefault("command_packer", Packer())
+        self._user_connect = options.pop("redis_connect_func", None)
+
+        if url is not None and url.startswith("sentinel://"):
+            sentinels, parsed = parse_sentinel_url(url)
+            service_name = parsed.pop("service_name", service_name)
+            options = {**options, **parsed}
+        # (until the client says what the URL chose: a cluster connects while it is made)
+        self.socket_timeout: float | None = options["socket_timeout"]
+        self._secrets = secrets_of(url, options, sentinel_kwargs)
+        try:
+            if sentinels is not None:
+                opened = self._open_sentinel(sentinels, service_name, sentinel_kwargs, options)
+                self.where, self._client = opened
+                if master_check_interval > 0:
+                    self._watch = _MasterWatch(self._client.connection_pool, master_check_interval)
+            elif url is None:
+                raise ValueError("RedisStore needs a url, or sentinels= and service_name=")
+            elif cluster:
+                self.where = f"cluster {redact(url)}"
+                options["redis_connect_func"] = self._cluster_connected
+                self._client = redis.RedisCluster.from_url(url, **options)
+            else:
+                self.where = redact(url)
+                options["redis_connect_func"] = self._connected
+                self._client = redis.Redis.from_url(url, **options)
+        except ValueError as exc:
+            said = str(exc)
+            clean = redact(said, self._secrets)
+            if clean != said:
+                raise ValueError(clean) from None
+            raise
+        except (RedisError, RedisClusterException) as exc:  # a cluster that cannot be reached
+            self._fail("could not be opened", exc)
+        if cluster:
+            kwargs = self._client.get_connection_kwargs()
+        else:
+            kwargs = self._client.connection_pool.connection_kwargs
+        if kwargs.get("decode_responses"):
+            raise ValueError("RedisStore reads bytes: decode_responses must stay off")
+        timeout = kwargs.get("socket_timeout")
+        self.socket_timeout = float(timeout) if timeout is not None else None
+
+    def _open_sentinel(
+        self,
+        sentinels: Sequence[tuple[str, int]],
+        service_name: str | None,
+        sentinel_kwargs: dict[str, Any] | None,
+        options: dict[str, Any],
+    ) -> tuple[str, Any]:
+        if not service_name:
+            raise ValueError("a Sentinel store needs service_name (the master's name)")
+        own: dict[str, Any] = {
+            "socket_timeout": options["socket_timeout"],
+            "socket_connect_timeout": options["socket_connect_timeout"],
+            "retry": Retry(NoBackoff(), 0),
+        }
+        for name in ("username", "password"):
+            value = options.pop(f"sentinel_{name}", None)
+            if value is not None:
+                own[name] = value
+        own.update(sentinel_kwargs or {})
+        options["redis_connect_func"] = self._connected
+        make_sentinel: Any = Sentinel  # (redis-py leaves it untyped)
+        sentinel: Any = make_sentinel(list(sentinels), sentinel_kwargs=own)
+        self._sentinel = sentinel
+        hosts = ",".join(f"{host}:{port}" for host, port in sentinels)
+        return f"sentinel {service_name!r} via {hosts}", sentinel.master_for(service_name, **options)
+
+    # -- errors -------------------------------------------------------------------------
+
+    def _fail(self, what: str, exc: BaseException) -> NoReturn:
+        """``StoreUnavailable`` for a redis-py error; the cause is chained only when its
+        text holds no secret."""
+        said = str(exc)
+        clean = redact(said, self._secrets)
+        error = StoreUnavailable(f"redis store at {self.where} {what}: {type(exc).__name__}: {clean}")
+        if clean == said:
+            raise error from exc
+        raise error from None
+
+    # -- connections --------------------------------------------------------------------
+
+    def _connected(self, conn: Any) -> None:
+        """redis-py's ``redis_connect_func`` (single node, Sentinel): its own handshake
+        (AUTH, SELECT), then the epoch check."""
+        if self._user_connect is not None:
+            self._user_connect(conn)
+        else:
+            conn.on_connect()
+        self._prepare(conn)
+
+    def _cluster_connected(self, conn: Any) -> None:
+        """Called by ``RedisCluster.on_connect`` after its handshake."""
+        if self._user_connect is not None:
+            self._user_connect(conn)
+        self._prepare(conn)
+
+    def _prepare(self, conn: Any) -> None:
+        """The epoch check, one round trip (its script is loaded in the same trip: a
+        restarted server has none). A TLS connection makes that trip even without the
+        check: it reads the session tickets a TLS 1.3 server sends after the handshake,
+        which redis-py's pool would otherwise take for unread data."""
+        if not self._amnesia_guard:
+            if isinstance(conn, redis.SSLConnection):
+                self._round_trip([(conn, [("PING",)])], getattr(self._local, "deadline", None))
+            return
+        known, sure_until = self._epoch
+        if time.monotonic() >= sure_until:
+            known = ""  # the marker may have expired on its own since we saw it
+        window = self._amnesia_window
+        if not isinstance(window, int):
+            window = window()
+        check = ("EVALSHA", scripts()["epoch"].sha, 2, *self._epoch_keys, known, owner_id(), int(window),
+                 EPOCH_TTL_MS)  # fmt: skip
+        deadline = getattr(self._local, "deadline", None)
+        (answers,) = self._round_trip([(conn, [*load_commands(["epoch"]), check])], deadline)
+        for answer in answers:
+            if isinstance(answer, ResponseError):
+                raise answer
+        self._settle_epoch(answers[-1])
+
+    def _settle_epoch(self, answer: Any) -> None:
+        value, detected, remaining, ttl = text(answer[0]), bool(answer[1]), int(answer[2]), int(answer[3])
+        now = time.monotonic()
+        self._epoch = (value, now + ttl / 1000.0)
+        if detected:
+            self.amnesia_detections += 1
+        if remaining > 0:
+            self._amnesia_until = max(self._amnesia_until, now + remaining / 1000.0)
+            log.error(
+                "redis store at %s lost its data (a restart without persistence?)%s: claims fail "
+                "closed for %.1fs more",
+                self.where,
+                " (noticed by this process)" if detected else "",
+                remaining / 1000.0,
+            )
 
     @property
-    def socket_timeout(self) -> float | None:
-        """Seconds one command may block (the URL's ``socket_timeout`` wins)."""
-        return self._timeout
+    def amnesia_remaining_ms(self) -> int:
+        """How long claims still fail closed (0 when the store is trusted)."""
+        left = self._amnesia_until - time.monotonic()
+        return math.ceil(left * 1000) if left > 0 else 0
 
-    def key(self, kind: str, tag: str, *suffix: str) -> str:
-        if not suffix:
-            return f"{self.prefix}:{kind}:{{{tag}}}"
-        tail = "".join(f":{part}" for part in suffix)
-        return f"{self.prefix}:{kind}:{{{tag}}}{tail}"
+    def _read(self, conn: Any, count: int, deadline: float | None) -> list[Any]:
+        """``count`` answers, error answers in place. Each read waits the socket timeout
+        at most, and never past ``deadline``."""
+        answers: list[Any] = []
+        timeout = self.socket_timeout
+        for _ in range(count):
+            try:
+                if deadline is None:
+                    answers.append(conn.read_response())
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise redis.TimeoutError("no time left for this store call")
+                if timeout is not None and left >= timeout:
+                    answers.append(conn.read_response())
+                else:
+                    answers.append(conn.read_response(timeout=left))
+            except ResponseError as exc:
+                answers.append(exc)
+        return answers
 
-    def ping(self) -> None:
+    def _exchange(
+        self, pairs: Sequence[tuple[Any, list[Command]]], deadline: float | None
+    ) -> list[list[Any]]:
+        """A batch's round trip (counted in ``trips``)."""
+        self.trips += 1
+        return self._round_trip(pairs, deadline)
+
+    def _round_trip(
+        self, pairs: Sequence[tuple[Any, list[Command]]], deadline: float | None
+    ) -> list[list[Any]]:
+        """Every connection's commands written, then every answer read. A connection
+        that fails half-way is disconnected: never handed back dirty."""
         try:
-            self.client.ping()
-        except RedisError as exc:
-            raise StoreUnavailable(f"redis store at {self._where()} is unreachable: {exc}") from exc
-
-    def check_eviction(self) -> str | None:
-        """Warn when Redis may evict our records to make room (once, at store creation).
-
-        Every key we write has a TTL, so any eviction policy but ``noeviction`` may drop a
-        live claim and let a duplicate run; with ``noeviction`` a full Redis refuses the
-        claim and the task is re-queued instead."""
-        try:
-            policy = str(self.client.config_get("maxmemory-policy").get("maxmemory-policy", ""))
-        except RedisError:  # CONFIG may be refused to an ACL user: nothing to learn
-            return None
-        if policy and policy != "noeviction":
-            log.warning(
-                "redis store %s has maxmemory-policy=%s: it may evict idempotency records under "
-                "memory pressure; use noeviction for the store",
-                self._where(),
-                policy,
-            )
-        return policy
-
-    def run(self, ops: Sequence[Op]) -> list[Any]:
-        if not ops:
-            return []
-        started = time.monotonic()
-        timeout = self._timeout
-        # Reads give up 1.5 timeouts after the call began: a new connection's SELECT may
-        # already have waited most of one, and the rest is margin for a busy interpreter,
-        # so one call stays within two socket timeouts however the network misbehaves.
-        deadline = started + CALL_BUDGET * timeout if timeout else None
-        try:
-            results = self._send(ops, deadline)
-            for value in results:
-                if isinstance(value, ResponseError):  # NOSCRIPT included: the rare path
-                    return self._settle(ops, results, started, deadline)
-        except RedisError as exc:
-            raise StoreUnavailable(f"redis store at {self._where()} failed: {exc}") from exc
-        return results
-
-    def _settle(
-        self, ops: Sequence[Op], results: list[Any], started: float, deadline: float | None
-    ) -> list[Any]:
-        """Some answers are errors: load the scripts a NOSCRIPT names and run those ops
-        again (a flush can land between our load and the re-send: a few tries); any
-        other error fails the call."""
-        for _ in range(NOSCRIPT_TRIES):
-            missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-            if not missing:
-                break
-            self._within_budget(started)
-            again = self._load_and_send([ops[i] for i in missing], deadline)
-            for i, value in zip(missing, again, strict=True):
-                results[i] = value
-        for op, value in zip(ops, results, strict=True):
-            if isinstance(value, ResponseError):
-                raise StoreUnavailable(f"script {op.script!r} failed: {value}") from value
-        return results
+            for conn, commands in pairs:
+                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
+            return [self._read(conn, len(commands), deadline) for conn, commands in pairs]
+        except BaseException:
+            for conn, _ in pairs:
+                conn.disconnect()
+            raise
 
     def _within_budget(self, started: float) -> None:
-        """One call blocks a worker at most about two socket timeouts: after one has
-        passed, no further trip (a NOSCRIPT recovery) is started."""
+        """After one socket timeout has passed, no further trip (NOSCRIPT recovery)."""
         timeout = self.socket_timeout
         spent = time.monotonic() - started
         if timeout is not None and spent > timeout:
             raise StoreUnavailable(
-                f"redis store at {self._where()} is too slow: {spent:.2f}s spent, "
-                f"more than the socket timeout ({timeout:g}s), before recovering NOSCRIPT"
+                f"redis store at {self.where} is too slow: {spent:.2f}s spent, more than the "
+                f"socket timeout ({timeout:g}s), before recovering NOSCRIPT"
             )
 
-    def warm(self) -> None:
-        """Open a connection and load every script, off a task's path (worker start), so
-        the first task's round trip is one round trip."""
-        if self.cluster:
+    # -- the Store protocol ---------------------------------------------------------------
+
+    def batch(self, ops: Sequence[Op]) -> list[Any]:
+        if not ops:
+            return []
+        started = time.monotonic()
+        timeout = self.socket_timeout
+        deadline = started + CALL_BUDGET * timeout if timeout else None
+        self._local.deadline = deadline
+        try:
+            if self.cluster:
+                return self._cluster_batch(ops, started, deadline)
+            if self._watch is not None:
+                self._watch.ensure()
+            pool = self._client.connection_pool
+            conn = pool.get_connection()
             try:
-                self._load(set(scripts()))
-            except RedisError as exc:
-                log.info("store warm-up skipped (the first task will load them): %s", exc)
-            return
-        names = sorted(scripts())
-        wire = Wire(self._new_connection(), self._timeout)
+                return self._node_batch(conn, ops, started, deadline)
+            finally:
+                pool.release(conn)
+        except (RedisError, RedisClusterException) as exc:
+            self._fail("failed", exc)
+        finally:
+            self._local.deadline = None
+
+    def _node_batch(self, conn: Any, ops: Sequence[Op], started: float, deadline: float | None) -> list[Any]:
+        # read after the connection was made (a new one has checked the epoch just now)
+        amnesia = self.amnesia_remaining_ms
+        if amnesia:  # claims fail closed without running; the other ops go on
+            answers: list[Any] = [ClaimAnswer("amnesia", remaining_ms=amnesia) for _ in ops]
+            sent = [i for i, op in enumerate(ops) if type(op) is not Claim]
+            if sent:
+                done = self._node_batch_all(conn, [ops[i] for i in sent], started, deadline)
+                for i, answer in zip(sent, done, strict=True):
+                    answers[i] = answer
+            return answers
+        return self._node_batch_all(conn, ops, started, deadline)
+
+    def _node_batch_all(
+        self, conn: Any, ops: Sequence[Op], started: float, deadline: float | None
+    ) -> list[Any]:
+        encode = self._codec.encode
+        commands = [encode[type(op)](op) for op in ops]
+        (raw,) = self._exchange([(conn, commands)], deadline)
+        for value in raw:
+            if isinstance(value, ResponseError):  # NOSCRIPT included: the rare path
+
+                def again(missing: list[int]) -> None:
+                    loads = load_commands(sorted({script_of(commands[i]) for i in missing}))
+                    payload = loads + [commands[i] for i in missing]
+                    (loaded,) = self._exchange([(conn, payload)], deadline)
+                    self._raise_failed_loads(loaded[: len(loads)])
+                    for i, value in zip(missing, loaded[len(loads) :], strict=True):
+                        raw[i] = value
+
+                self._settle(raw, started, again, retry_on=NoScriptError)
+                break
+        decode = self._codec.decode
+        return [self._answer(decode, op, value) for op, value in zip(ops, raw, strict=True)]
+
+    def _cluster_batch(self, ops: Sequence[Op], started: float, deadline: float | None) -> list[Any]:
+        """Ops grouped per node (each op touches one hash slot): one connection per node,
+        all written before any is read; answers in the ops' order."""
+        encode = self._codec.encode
+        commands = [encode[type(op)](op) for op in ops]
+        raw: list[Any] = [None] * len(ops)
+
+        def send(indices: list[int], load: bool) -> None:
+            groups: dict[str, tuple[Any, list[int]]] = {}
+            for i in indices:
+                node = self._client.get_node_from_key(commands[i][3])
+                groups.setdefault(node.name, (node, []))[1].append(i)
+            taken: list[tuple[Any, Any]] = []
+            try:
+                pairs = []
+                for node, members in groups.values():
+                    pool = self._client.get_redis_connection(node).connection_pool
+                    conn = pool.get_connection()
+                    taken.append((pool, conn))
+                    names = sorted({script_of(commands[i]) for i in members}) if load else []
+                    pairs.append((conn, load_commands(names) + [commands[i] for i in members]))
+                answers = self._exchange(pairs, deadline)
+            finally:
+                for pool, conn in taken:
+                    pool.release(conn)
+            for (_, members), (_, sent), got in zip(groups.values(), pairs, answers, strict=True):
+                loads = len(sent) - len(members)
+                self._raise_failed_loads(got[:loads])
+                for i, value in zip(members, got[loads:], strict=True):
+                    raw[i] = value
+
+        send(list(range(len(ops))), load=False)
+
+        def again(missing: list[int]) -> None:
+            if any(isinstance(raw[i], AskError) for i in missing):
+                self._client.nodes_manager.initialize()  # slots moved: the op never ran
+            send(missing, load=True)
+
+        self._settle(raw, started, again, retry_on=(NoScriptError, AskError))
+        decode = self._codec.decode
+        return [self._answer(decode, op, value) for op, value in zip(ops, raw, strict=True)]
+
+    def _settle(
+        self,
+        raw: list[Any],
+        started: float,
+        again: Callable[[list[int]], None],
+        retry_on: type[Exception] | tuple[type[Exception], ...],
+    ) -> None:
+        """Send again, a few times, the ops whose answer says they never ran."""
+        for _ in range(NOSCRIPT_TRIES):
+            missing = [i for i, value in enumerate(raw) if isinstance(value, retry_on)]
+            if not missing:
+                return
+            self._within_budget(started)
+            again(missing)
+
+    def _raise_failed_loads(self, answers: list[Any]) -> None:
+        """A refused SCRIPT LOAD (NOPERM, OOM) fails the batch."""
+        for answer in answers:
+            if isinstance(answer, ResponseError):
+                raise answer
+
+    def _answer(self, decode: dict[type, Callable[[Any], Any]], op: Op, value: Any) -> Any:
+        if isinstance(value, ResponseError):
+            said = redact(str(value), self._secrets)
+            raise StoreUnavailable(
+                f"redis store at {self.where}: script {op.name!r} failed: {type(value).__name__}: {said}"
+            )
+        return decode[type(op)](value)
+
+    def breakers(self) -> list[BreakerView]:
+        found = []
         try:
-            answers = wire.round_trip(_pack_loads(names), len(names), None)
-        except (RedisError, OSError) as exc:
-            wire.close()
-            log.info("store warm-up skipped (the first task will connect): %s", exc)
-            return
-        refused = [answer for answer in answers if isinstance(answer, Exception)]
-        if refused:
-            log.info("store warm-up could not load every script (the first task will): %s", refused[0])
-        if self._pid == current_pid():
-            self._idle.append(wire)  # connected: the first call takes it
+            for key in self._client.scan_iter(match=f"{self.prefix}:brk:*", count=500):
+                raw = self._client.hgetall(key)
+                if raw:
+                    fields = {text(k): text(v) for k, v in raw.items()}
+                    found.append(BreakerView(fields.get("name", ""), fields))
+        except (RedisError, RedisClusterException) as exc:
+            self._fail("could not list breakers", exc)
+        return sorted(found, key=lambda view: view.downstream)
 
-    def _send(self, ops: Sequence[Op], deadline: float | None = None) -> list[Any]:
-        if self.cluster:
-            pipe: Any = self.client.pipeline(transaction=False)
-            for op in ops:
-                pipe.execute_command("EVALSHA", *_evalsha_args(op))
-            return list(pipe.execute(raise_on_error=False))
-        return self._round_trip(pack_evalsha(ops), len(ops), deadline)
+    @property
+    def client(self) -> Any:
+        """The redis-py client (``Redis``, ``RedisCluster``, or Sentinel's master client),
+        for operators' reads and tests; the hot path goes through ``batch``."""
+        return self._client
 
-    def _round_trip(self, payload: bytes, count: int, deadline: float | None) -> list[Any]:
-        """Write every command, read every answer: one round trip on one connection.
+    def idempotency_key(self, record: str) -> str:
+        """The Redis key of an idempotency record (tests and operators' reads)."""
+        return f"{self._codec.idem}{{{record}}}"
 
-        Error answers (NOSCRIPT, OOM) come back in place, as a pipeline would give them.
-        Each read waits the socket timeout at most, and never past ``deadline``."""
-        wire = self._checkout()
-        self.requests_sent += 1
+    def fallback_key(self, record: str) -> str:
+        """The Redis key of a fallback entry."""
+        return f"{self._codec.fb}{{{record}}}"
+
+    def breaker_key(self, name: str) -> str:
+        """The Redis key of ``name``'s breaker hash (the name is hashed, never in a key)."""
+        return self._codec.breaker_key(name)
+
+    def now_ms(self) -> int:
         try:
-            answers = wire.round_trip(payload, count, deadline)
-        except BaseException:
-            wire.close()  # half-read: dropped, never handed to another call
-            raise
-        self._idle.append(wire)
-        return answers
+            seconds, micros = self._client.time()
+        except (RedisError, RedisClusterException) as exc:
+            self._fail("did not tell the time", exc)
+        return int(seconds) * 1000 + int(micros) // 1000
 
-    def _checkout(self) -> Wire:
-        """An idle connection of ours (last in, first out), or a new one.
-
-        Our own short list instead of redis-py's pool: no lock or bookkeeping per call,
-        and it holds at most as many connections as calls ever ran at once, whatever the
-        pool (threads, greenlets). A connection the server closed while it sat idle is
-        noticed here and opened again by the send (one non-blocking look, no trip)."""
-        if self._pid != current_pid():  # forked: the parent's sockets are not ours
-            self._idle = collections.deque()
-            self._pid = current_pid()
+    def ping(self) -> None:
         try:
-            wire = self._idle.pop()
-        except IndexError:
-            return Wire(self._new_connection(), self._timeout)
-        if not wire.idle_and_sound():  # EOF (or stray bytes): start clean
-            wire.close()
-        return wire
+            self._client.ping()
+        except (RedisError, RedisClusterException) as exc:
+            self._fail("is unreachable", exc)
 
-    def _new_connection(self) -> Any:
-        """Built from the pool's settings (TLS, ACL, db), outside its count of connections.
+    def warm(self) -> None:
+        """Connect and load every script off a task's path (a worker starting), so the
+        first batch is one round trip. A store that cannot be reached is only logged:
+        the first batch will connect."""
+        try:
+            if self.cluster:
+                for script in scripts().values():
+                    self._client.script_load(script.source)
+                return
+            pool = self._client.connection_pool
+            conn = pool.get_connection()
+            try:
+                (answers,) = self._exchange([(conn, load_commands(sorted(scripts())))], None)
+                self._raise_failed_loads(answers)
+            finally:
+                pool.release(conn)
+        except (RedisError, RedisClusterException) as exc:
+            why = redact(str(exc), self._secrets)
+            log.info("store warm-up skipped (the first task will connect): %s", why)
 
-        No health-check PING: it would make opening a connection two round trips, and
-        ``Wire`` looks at an idle connection before each use instead."""
-        pool = self.client.connection_pool
-        # RESP2 whatever the URL says: our reader parses the RESP2 our scripts answer in.
-        return pool.connection_class(**{**pool.connection_kwargs, "health_check_interval": 0, "protocol": 2})
+    def check_eviction(self) -> str | None:
+        """Warn when Redis may evict our records to make room.
 
-    def _load(self, names: set[str]) -> None:
-        if self.cluster:  # SCRIPT LOAD goes to every primary
-            for name in sorted(names):
-                self.client.script_load(scripts()[name][0])
-            return
-        pipe: Any = self.client.pipeline(transaction=False)
-        for name in sorted(names):
-            pipe.execute_command("SCRIPT", "LOAD", scripts()[name][0])
-        pipe.execute()
-
-    def _load_and_send(self, ops: Sequence[Op], deadline: float | None = None) -> list[Any]:
-        """Load the ops' scripts and run the ops again: in one round trip on one server
-        (a connection's commands run in order, so each load precedes its EVALSHA)."""
-        names = sorted({op.script for op in ops})
-        if self.cluster:
-            self._load(set(names))
-            return self._send(ops)
-        payload = _pack_loads(names) + pack_evalsha(ops)
-        answers = self._round_trip(payload, len(names) + len(ops), deadline)
-        for loaded in answers[: len(names)]:
-            if isinstance(loaded, Exception):
-                raise loaded
-        return answers[len(names) :]
-
-    def _where(self) -> str:
-        if self.cluster:
-            return f"cluster {self.url}"
-        kwargs = self.client.connection_pool.connection_kwargs
-        return f"{kwargs.get('host', '?')}:{kwargs.get('port', '?')}/{kwargs.get('db', 0)}"
+        Every key we write has a TTL, so any eviction policy but ``noeviction`` may drop a
+        live claim and let a duplicate run; with ``noeviction`` a full Redis refuses the
+        claim and the task is re-queued instead. CONFIG may be refused to an ACL user:
+        then there is nothing to learn (None)."""
+        try:
+            answer = self._client.config_get("maxmemory-policy")
+        except (RedisError, RedisClusterException):
+            return None
+        policy = text(answer.get("maxmemory-policy", "")) if isinstance(answer, dict) else ""
+        if policy and policy != "noeviction":
+            log.warning(
+                "redis store %s has maxmemory-policy=%s: it may evict idempotency records under "
+                "memory pressure; use noeviction for the store",
+                self.where,
+                policy,
+            )
+        return policy or None
 
     def close(self) -> None:
-        while self._idle:
-            self._idle.pop().close()
-        self.client.close()
+        if self._watch is not None:
+            self._watch.stop()
+        try:
+            self._client.close()
+            if self._sentinel is not None:
+                self._sentinel.close()
+        except (RedisError, RedisClusterException) as exc:
+            log.info("closing the store: %s", redact(str(exc), self._secrets))
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.where}, prefix={self.prefix!r})"
+
+

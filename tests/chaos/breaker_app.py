@@ -12,7 +12,6 @@ import redis
 from celery import Celery
 
 import resilient_tasks as rt
-from resilient_tasks.breaker import breaker_key
 from resilient_tasks.store import RedisStore
 
 app = Celery("race", broker=os.environ["RT_BROKER_URL"], backend=os.environ["RT_RESULT_BACKEND"])
@@ -48,8 +47,9 @@ _call = _ledger.register_script(CALL)
 _keys = RedisStore(STORE_URL)
 
 
+
 def call_service(name: str) -> str:
-    status = int(_call(keys=[breaker_key(_keys, name)], args=[name]))
+    status = int(_call(keys=[_keys.breaker_key(name)], args=[name]))
     if status != 200:
         raise ConnectionError(f"{name} answered {status}")
     return name

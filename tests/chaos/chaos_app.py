@@ -97,7 +97,7 @@ def _time_store_calls() -> None:
     """Test instrumentation: the longest single store call, in the ledger."""
     from resilient_tasks.store.redis import RedisStore
 
-    original = RedisStore.run
+    original = RedisStore.batch
 
     def timed(self: RedisStore, ops: object) -> object:
         began = time.monotonic()
@@ -106,7 +106,7 @@ def _time_store_calls() -> None:
         finally:
             _record_max(keys=["store_call_max_s"], args=[round(time.monotonic() - began, 3)])
 
-    RedisStore.run = timed  # type: ignore[method-assign, assignment]
+    RedisStore.batch = timed  # type: ignore[method-assign, assignment]
 
 
 if os.environ.get("RT_TIME_STORE"):

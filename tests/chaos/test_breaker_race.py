@@ -12,7 +12,6 @@ import time
 import pytest
 from celery import Celery
 
-from resilient_tasks.breaker import breaker_key
 from resilient_tasks.store import RedisStore
 from resilient_tasks.testing import RedisServer, SubprocessWorker, wait_until
 
@@ -63,7 +62,7 @@ def test_one_fleet_wide_breaker_under_a_race(rt_redis_flushed: RedisServer, tmp_
             time.sleep(0.02)
         db.set("ledger:A:down", "0")
         healed = time.monotonic()
-        brk = breaker_key(store, "A")
+        brk = store.breaker_key("A")
         wait_until(
             lambda: db.hget(brk, "state") == b"closed", timeout=30, interval=0.05, what="A's breaker to close"
         )
@@ -76,7 +75,7 @@ def test_one_fleet_wide_breaker_under_a_race(rt_redis_flushed: RedisServer, tmp_
     a = {k.decode(): int(v) for k, v in db.hgetall("ledger:A").items()}
     state = {
         k.decode(): v.decode()
-        for k, v in db.hgetall(breaker_key(store, "A")).items()
+        for k, v in db.hgetall(store.breaker_key("A")).items()
         if not re.fullmatch(rb"[a-z]\d+|p:.*", k)
     }
     b_ok = sum(1 for r in outcomes["B"] if r == "B") / len(outcomes["B"])

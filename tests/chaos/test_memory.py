@@ -14,7 +14,8 @@ import pytest
 
 from resilient_tasks.errors import StoreUnavailable
 from resilient_tasks.keys import digest
-from resilient_tasks.store import Op, RedisStore
+from resilient_tasks.store import RedisStore
+from resilient_tasks.store.protocol import Claim, Op
 from resilient_tasks.testing import RedisServer
 
 pytestmark = pytest.mark.chaos
@@ -30,22 +31,18 @@ def test_a_full_store_refuses_claims_and_every_key_keeps_a_ttl() -> None:
         effects = refused = 0
         batch = 1000
         for start in range(0, keys, batch):
-            ops = [
-                Op(
-                    "claim",
-                    (store.key("idem", digest("bench.task", f"order-{n}")),),
-                    (f"owner-{n}", 60_000, 3_600_000, "fp", f"t{n}", 0, ""),
-                )
+            ops: list[Op] = [
+                Claim(digest("bench.task", f"order-{n}"), f"owner-{n}", 60_000, 3_600_000, "fp", f"t{n}")
                 for n in range(start, min(keys, start + batch))
             ]
             try:
-                answers = store.run(ops)
+                answers = store.batch(ops)
             except StoreUnavailable:
                 # An OOM fails the call: the caller re-queues every task of the batch, so
                 # none of them runs (claims that did land just wait out their lease).
                 refused += len(ops)
                 continue
-            effects += sum(1 for a in answers if a[0] == b"claimed")
+            effects += sum(1 for a in answers if a.verdict == "claimed")
         client = server.client()
         info = client.info("memory")
         records = client.dbsize()

@@ -12,8 +12,8 @@ import pytest
 from celery import Celery
 
 import resilient_tasks as rt
-from resilient_tasks.breaker import admit_op, breaker_key, parse_admission, record_op
 from resilient_tasks.store import RedisStore
+from resilient_tasks.store.protocol import Admit, Record
 from resilient_tasks.testing import RedisServer, free_port, in_process_worker
 
 
@@ -36,7 +36,7 @@ class Downstream:
 
 def breaker_state(client: object, store_prefix: str, name: str) -> dict[bytes, bytes]:
     store = RedisStore("redis://127.0.0.1:1/0", prefix=store_prefix)
-    return client.hgetall(breaker_key(store, name))  # type: ignore[attr-defined, no-any-return]
+    return client.hgetall(store.breaker_key(name))  # type: ignore[attr-defined, no-any-return]
 
 
 def test_open_breaker_defers_without_spending_retries_then_all_succeed(
@@ -106,15 +106,15 @@ def test_half_open_admits_exactly_the_probe_count_fleet_wide(
     store = RedisStore(rt_redis_flushed.url(1))
     policy = rt.BreakerPolicy(consecutive_failures=1, open_for=10.0, half_open_probes=probes)
     t0 = 1_700_000_000_000  # an injected clock: the probe leases (10 s) cannot expire mid-trial
-    store.run([admit_op(store, "C", policy, "x", t0)])
-    store.run([record_op(store, "C", policy, "x", "fail", probe=False, first_attempt=True, now_ms=t0)])
+    store.batch([Admit("C", policy, "x", t0)])
+    store.batch([Record("C", policy, "x", fail=1, first_attempts=1, now_ms=t0)])
     half_open_at = t0 + 10_001  # past open_for: the next admission moves it to half-open
 
     def trial(i: int) -> str:
         own = RedisStore(rt_redis_flushed.url(1))  # a worker of its own
         try:
-            (answer,) = own.run([admit_op(own, "C", policy, f"w{i}", half_open_at + i)])
-            return parse_admission(answer).verdict
+            (answer,) = own.batch([Admit("C", policy, f"w{i}", half_open_at + i)])
+            return str(answer.verdict)
         finally:
             own.close()
 

@@ -136,7 +136,7 @@ def test_open_close_reset_and_forget(env: dict[str, str], rt_redis_flushed: Redi
     from resilient_tasks.store import RedisStore
 
     s = RedisStore(env["RESILIENT_TASKS_REDIS_URL"])
-    record = s.key("idem", digest("chaos.apply_once", '["job-7"]'))
+    record = s.idempotency_key(digest("chaos.apply_once", '["job-7"]'))
     s.client.hset(record, "state", "done")
     s.client.expire(record, 60)
     refused = cli(env, "forget", '["job-7"]', "--task", "chaos.apply_once", check=False)

@@ -10,8 +10,8 @@ import pytest
 from celery import Celery
 
 import resilient_tasks as rt
-from resilient_tasks.breaker import admit_op, parse_admission, record_op
 from resilient_tasks.store import RedisStore
+from resilient_tasks.store.protocol import Admit, Record
 from resilient_tasks.testing import ClusterServers, in_process_worker
 
 
@@ -25,9 +25,9 @@ def test_keys_spread_over_the_masters_and_scripts_load_on_each(cluster: ClusterS
     store = RedisStore(cluster.url, cluster=True, prefix="c1")
     policy = rt.BreakerPolicy(consecutive_failures=2, open_for=30)
     for name in (f"svc-{i}" for i in range(12)):
-        (answer,) = store.run([admit_op(store, name, policy, "w")])
-        assert parse_admission(answer).allowed
-        store.run([record_op(store, name, policy, "w", "fail", probe=False, first_attempt=True)])
+        (answer,) = store.batch([Admit(name, policy, "w")])
+        assert answer.allowed
+        store.batch([Record(name, policy, "w", fail=1, first_attempts=1)])
     used = [node.client().dbsize() for node in cluster.nodes]
     assert sum(used) == 12 and sum(1 for n in used if n) >= 2, used
 

@@ -166,7 +166,7 @@ def test_with_the_breaker_open_a_cached_fallback_costs_one_round_trip(app: Celer
     price = make_task(app, prices)
     runtime = rt.runtime_for(app)
     trips: list[int] = []
-    original = runtime.store.run
+    original = runtime.store.batch
 
     def counted(ops: object) -> object:
         trips.append(len(ops))  # type: ignore[arg-type]
@@ -175,11 +175,11 @@ def test_with_the_breaker_open_a_cached_fallback_costs_one_round_trip(app: Celer
     with in_process_worker(app, concurrency=1):
         assert price.delay("abc").get(timeout=20) == {"sku": "abc", "price": 3}  # type: ignore[attr-defined]
         rt.set_switch(app, "pricing", "forced_open")
-        runtime.store.run = counted  # type: ignore[method-assign]
+        runtime.store.batch = counted  # type: ignore[method-assign]
         try:
             answers = [price.delay("abc").get(timeout=20) for _ in range(4)]  # type: ignore[attr-defined]
         finally:
-            runtime.store.run = original  # type: ignore[method-assign]
+            runtime.store.batch = original  # type: ignore[method-assign]
     for answer in answers:
         value, info = rt.unwrap(answer)
         assert info is not None and info.source == "cache" and value == {"sku": "abc", "price": 3}
@@ -220,16 +220,16 @@ def test_all_guards_with_the_breaker_open_serve_the_fallback_in_one_round_trip(a
 
     runtime = rt.runtime_for(app)
     trips: list[list[str]] = []
-    original = runtime.store.run
+    original = runtime.store.batch
 
     def counted(ops: object) -> object:
-        trips.append([op.script for op in ops])  # type: ignore[attr-defined]
+        trips.append([op.name for op in ops])  # type: ignore[attr-defined]
         return original(ops)  # type: ignore[arg-type]
 
     with in_process_worker(app, concurrency=1):
         assert price.delay("abc", "r1").get(timeout=20) == {"sku": "abc", "price": 3, "token": 1}
         rt.set_switch(app, "pricing", "forced_open")
-        runtime.store.run = counted  # type: ignore[method-assign]
+        runtime.store.batch = counted  # type: ignore[method-assign]
         try:
             price.delay("abc", "r2").get(timeout=20)  # learns that the downstream refuses
             first = len(trips)
@@ -243,17 +243,17 @@ def test_all_guards_with_the_breaker_open_serve_the_fallback_in_one_round_trip(a
             fresh = price.delay("abc", "r6").get(timeout=20)
             admitted_trips = list(trips)
         finally:
-            runtime.store.run = original  # type: ignore[method-assign]
+            runtime.store.batch = original  # type: ignore[method-assign]
         again = price.delay("abc", "r6").get(timeout=20)
     for value, info in refused:
         assert info is not None and info.source == "cache" and value["price"] == 3
-    assert refused_trips == [["claim", "admit", "cache_serve"]] * 3, "one round trip per refused call"
+    assert refused_trips == [["claim", "admit", "cache_get"]] * 3, "one round trip per refused call"
     assert replayed == {"sku": "abc", "price": 3, "token": 1}, "a finished job still replays its result"
-    assert replay_trips == [["claim", "admit", "cache_serve"]]
+    assert replay_trips == [["claim", "admit", "cache_get"]]
     assert prices.calls["abc"] == 2, "only r1 and r6 reached the downstream"
     assert fresh == again and fresh["price"] == 3 and fresh["token"] >= 1
     assert [sorted(t) for t in admitted_trips] == [
-        ["admit", "cache_serve", "claim"], ["claim"], ["cache_put", "complete", "record"]
+        ["admit", "cache_get", "claim"], ["claim"], ["cache_put", "complete", "record"]
     ], "look, claim before the body, then the usual end"
 
 

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from celery import Celery
 
 import resilient_tasks as rt
-from resilient_tasks.breaker import breaker_key
 from resilient_tasks.fallback import entry_ttl
 from resilient_tasks.testing import RedisServer, in_process_worker
 
@@ -84,7 +83,7 @@ def test_outage_serves_only_trusted_earlier_successes(
         up.clear()
         batch = 50
         for _ in range(0, reads, batch):
-            consec = int(runtime.store.client.hget(breaker_key(runtime.store, "inventory"), "consec") or 0)  # type: ignore[attr-defined]
+            consec = int(runtime.store.client.hget(runtime.store.breaker_key("inventory"), "consec") or 0)  # type: ignore[attr-defined]
             allowed_now = min(entry_ttl(TTL, DECAY, FLOOR, consec), MAX_STALE)
             skus = [
                 f"sku-{rng.randrange(500)}" if rng.random() < 0.9 else f"cold-{rng.randrange(100)}"

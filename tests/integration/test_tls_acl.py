@@ -14,7 +14,8 @@ from celery import Celery
 
 import resilient_tasks as rt
 from resilient_tasks.errors import StoreUnavailable
-from resilient_tasks.store import Op, RedisStore
+from resilient_tasks.store import RedisStore
+from resilient_tasks.store.protocol import Claim
 from resilient_tasks.testing import RedisServer, free_port, in_process_worker
 
 #: The ACL line documented in docs/RELIABILITY.md: our commands, our prefix, nothing else.
@@ -62,17 +63,16 @@ def test_rediss_with_the_right_ca_works(tls_server: tuple[RedisServer, int, Path
     _, port, ca, _ = tls_server
     store = RedisStore(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}&ssl_cert_reqs=required")
     store.ping()
-    (answer,) = store.run([Op("claim", (store.key("idem", "tls"),), ("o", 1000, 60000, "", "t", 0, ""))])
-    assert answer[0] == b"claimed"
+    (answer,) = store.batch([Claim("tls", "o", 1000, 60000, task_id="t")])
+    assert answer.verdict == "claimed"
     # One TLS connection serves call after call: the session tickets a TLS 1.3 server
     # sends after the handshake are not taken for a dead or dirty connection.
-    (wire,) = store._idle
-    first_socket = wire.sock
+    connections = store.client.info("stats")["total_connections_received"]
     for n in range(20):
-        (answer,) = store.run([Op("claim", (store.key("idem", f"tls{n}"),), ("o", 1000, 60000, "", "t", 0, ""))])
-        assert answer[0] == b"claimed"
-    assert store._idle[0] is wire and wire.sock is first_socket, "no reconnect per call"
-    assert not wire.kernel_timeouts  # TLS keeps Python's timeout mode
+        (answer,) = store.batch([Claim(f"tls{n}", "o", 1000, 60000, task_id="t")])
+        assert answer.verdict == "claimed"
+    # (the INFO calls take a pooled connection too: the same one, when nothing reconnects)
+    assert store.client.info("stats")["total_connections_received"] == connections, "no reconnect per call"
     store.close()
 
 

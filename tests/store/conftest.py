@@ -16,7 +16,7 @@ import pytest
 
 from resilient_tasks.store.memory import MemoryStore
 from resilient_tasks.store.protocol import Store
-from resilient_tasks.store.redisops import RedisStore
+from resilient_tasks.store.redis import RedisStore
 from resilient_tasks.testing import ClusterServers, RedisServer
 
 #: An injected clock, in ms: every contract test sends its own times.

@@ -34,7 +34,7 @@ from resilient_tasks.store.protocol import (
     Switch,
     SwitchAnswer,
 )
-from resilient_tasks.store.redisops import RedisStore
+from resilient_tasks.store.redis import RedisStore
 
 from .conftest import T0, Backend
 

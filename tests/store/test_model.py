@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from resilient_tasks.policy import BreakerPolicy, RetryBudget
 from resilient_tasks.store.memory import MemoryStore
 from resilient_tasks.store.protocol import Admit, Record, SpendRetry, Switch
-from resilient_tasks.store.redisops import RedisStore
+from resilient_tasks.store.redis import RedisStore
 from resilient_tasks.testing import RedisServer
 
 from .conftest import T0

@@ -20,7 +20,7 @@ import redis
 
 from resilient_tasks.errors import StoreUnavailable
 from resilient_tasks.policy import BreakerPolicy
-from resilient_tasks.store import redisops
+from resilient_tasks.store import redis as redisops
 from resilient_tasks.store.evalsha import scripts
 from resilient_tasks.store.protocol import (
     Admit,
@@ -31,7 +31,7 @@ from resilient_tasks.store.protocol import (
     CompleteAnswer,
     Record,
 )
-from resilient_tasks.store.redisops import RedisStore
+from resilient_tasks.store.redis import RedisStore
 from resilient_tasks.store.urls import parse_sentinel_url, redact
 from resilient_tasks.testing import ClusterServers, FaultProxy, RedisServer, free_port
 
@@ -262,7 +262,7 @@ def test_under_gevent_many_greenlets_share_the_store_and_a_silent_one_is_given_u
             import sys, time, gevent
             from resilient_tasks.errors import StoreUnavailable
             from resilient_tasks.store.protocol import Claim
-            from resilient_tasks.store.redisops import RedisStore
+            from resilient_tasks.store.redis import RedisStore
             store = RedisStore("redis://127.0.0.1:{proxy.port}/1?socket_timeout=1")
             def op(n):
                 return [Claim(f"g{{n}}", "a", 1000, 60000, now_ms=1)]

@@ -27,7 +27,7 @@ import redis
 
 from resilient_tasks.errors import StoreUnavailable
 from resilient_tasks.store.protocol import Claim, ClaimAnswer, Complete, CompleteAnswer
-from resilient_tasks.store.redisops import RedisStore
+from resilient_tasks.store.redis import RedisStore
 from resilient_tasks.testing import SentinelServers
 
 from .conftest import T0

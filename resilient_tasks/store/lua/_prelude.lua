@@ -18,10 +18,9 @@ local function bucket_of(now, window, nb)
   return idx, idx % nb
 end
 
--- touch_bucket: empty a slot that still holds an older interval, before counting in it.
-local function touch_bucket(key, idx, slot)
-  if tonumber(redis.call('HGET', key, 't' .. slot) or '-1') ~= idx then
-    redis.call('HSET', key, 't' .. slot, idx, 'c' .. slot, 0, 'f' .. slot, 0, 's' .. slot, 0,
-               'a' .. slot, 0, 'r' .. slot, 0)
+-- drop_probes: forget every half-open probe lease (fields p:<owner>).
+local function drop_probes(key)
+  for _, f in ipairs(redis.call('HKEYS', key)) do
+    if string.sub(f, 1, 2) == 'p:' then redis.call('HDEL', key, f) end
   end
 end

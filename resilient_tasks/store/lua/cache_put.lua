@@ -2,7 +2,7 @@
 -- A failure is kept beside the last known good value, never instead of it: the value is
 -- what the next failing calls should be served.
 -- KEYS[1] fallback entry hash
--- ARGV: value_json, now_ms (0 = TIME), ttl_ms, kind ('ok' | 'negative' | 'failure')
+-- ARGV: value, now_ms (0 = TIME), ttl_ms, kind ('ok' | 'negative' | 'failure')
 -- Returns 1.
 local key = KEYS[1]
 local now = clock_ms(ARGV[2])

@@ -1,17 +1,25 @@
--- epoch: (re)create the store's epoch marker; declare amnesia when it had been seen.
--- A Redis that restarted without persistence lost every in-flight claim: for the longest
--- lease, claims fail closed (tasks are re-queued) so an execution still running from
--- before the restart cannot be duplicated.
--- KEYS[1] epoch key, KEYS[2] amnesia marker
--- ARGV: seen_before (1|0), amnesia_ms, epoch_value
--- Returns {created (1|0), amnesia_ms}
-local created = redis.call('SET', KEYS[1], ARGV[3], 'NX', 'PX', 604800000)
-if ARGV[1] == '1' then
-  -- the caller saw the marker before and found it gone: data was lost, whoever
-  -- re-created the marker in the meantime
-  if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[2]) then
-    redis.call('SET', KEYS[2], ARGV[3], 'PX', tonumber(ARGV[2]))
-  end
-  return {created and 1 or 0, tonumber(ARGV[2])}
+-- epoch: run once per new connection. A Redis that restarted without persistence lost
+-- every in-flight claim; the epoch marker tells. It is created when missing; a caller
+-- that knew another value (or saw it and finds it gone) declares amnesia: an amnesia
+-- marker lives for the window (the longest lease), and claims fail closed meanwhile.
+-- KEYS[1] epoch marker, KEYS[2] amnesia marker
+-- ARGV: known ('' = never seen), new_value, window_ms, marker_ttl_ms
+-- Returns {marker value, detected (1|0), amnesia_remaining_ms, marker_ttl_ms}
+local ttl = tonumber(ARGV[4])
+local current = redis.call('SET', KEYS[1], ARGV[2], 'NX', 'GET', 'PX', ttl)
+if current then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+else
+  current = ARGV[2]
 end
-return {created and 1 or 0, 0}
+local detected = 0
+if ARGV[1] ~= '' and current ~= ARGV[1] then
+  detected = 1
+  local window = tonumber(ARGV[3])
+  if window > 0 and redis.call('PTTL', KEYS[2]) < window then
+    redis.call('SET', KEYS[2], current, 'PX', window)
+  end
+end
+local remaining = redis.call('PTTL', KEYS[2])
+if remaining < 0 then remaining = 0 end
+return {current, detected, remaining, ttl}
