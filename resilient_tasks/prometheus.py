@@ -31,6 +31,8 @@ import os
 import shutil
 import sys
 import tempfile
+import weakref
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from celery import bootsteps, signals
@@ -86,6 +88,13 @@ class PrometheusMetrics:
             ["task", "downstream"],
             buckets=(1, 5, 15, 30, 60, 120, 300, 900),
         )
+        self._events = Counter(
+            "resilience_events",
+            "Events to alert on (store_amnesia: the store lost its data; end_lost: a completion "
+            "could not be written; policy_reload_refused; store_misconfigured: a wrong password "
+            "or a missing ACL right; fallback_tampered)",
+            ["event", "downstream"],
+        )
         self._made = True
 
     def outcome(self, outcome: str, task: str, downstream: str) -> None:
@@ -102,6 +111,11 @@ class PrometheusMetrics:
         if not self._made:
             self._make()
         self._ages.labels(task, downstream).observe(age_s)
+
+    def event(self, name: str, downstream: str) -> None:
+        if not self._made:
+            self._make()
+        self._events.labels(name, downstream).inc()
 
 
 #: The directory this worker serves, inherited by its forked pool processes.
@@ -209,11 +223,9 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
         if owned:
             _remove_at_exit(self.folder)
         _serving["folder"] = self.folder
-        from .runtime import runtime_for
-
-        runtime = runtime_for(worker.app)
-        if not any(isinstance(s, PrometheusMetrics) for s in runtime.sinks):
-            runtime.sinks.append(PrometheusMetrics())
+        sinks = _SINKS_OF[worker.app](worker.app) if worker.app in _SINKS_OF else None
+        if sinks is not None and not any(isinstance(s, PrometheusMetrics) for s in sinks):
+            sinks.append(PrometheusMetrics())
 
     def start(self, worker: Any) -> None:
         if self.port is None:
@@ -245,10 +257,17 @@ def _child_exit(pid: int | None = None, **_: Any) -> None:
         multiprocess.mark_process_dead(pid, folder)  # type: ignore[no-untyped-call]
 
 
-def add_worker_option(app: Any) -> None:
-    """``--resilience-metrics-port`` and ``--resilience-metrics-address`` on ``celery worker``."""
+#: Per app, where its metrics sinks live (the runtime's list): handed in by ``install``,
+#: so this module needs nothing of the runtime's.
+_SINKS_OF: weakref.WeakKeyDictionary[Any, Callable[[Any], list[Any]]] = weakref.WeakKeyDictionary()
+
+
+def add_worker_option(app: Any, sinks_of: Callable[[Any], list[Any]]) -> None:
+    """``--resilience-metrics-port`` and ``--resilience-metrics-address`` on ``celery worker``;
+    ``sinks_of(app)`` is the list the Prometheus sink joins when the endpoint starts."""
     from click import Option
 
+    _SINKS_OF[app] = sinks_of
     app.user_options["worker"].add(
         Option(
             ["--resilience-metrics-port"],

@@ -7,6 +7,6 @@ that already say it).
 
 from __future__ import annotations
 
-from ._fixtures import rt_redis, rt_redis_flushed
+from .testing import rt_redis, rt_redis_flushed
 
 __all__ = ["rt_redis", "rt_redis_flushed"]

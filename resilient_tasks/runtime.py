@@ -12,19 +12,25 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable
-from datetime import datetime
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from celery import signals
+from celery import bootsteps, signals
 
-from . import policyfile
-from .call import DEADLINE_HEADER, current_deadline
+from . import config
 from .errors import PolicyError, StoreUnavailable
+from .guards.base import DEADLINE_HEADER, current_deadline
 from .heartbeat import Heartbeat
 from .policy import BreakerPolicy
+from .settings import (
+    DEFAULT_LEASE,
+    REDIS_BROKERS,
+    check_serializers,
+    check_visibility_timeout,
+    task_lease,
+)
 from .store.memory import MemoryStore
-from .store.protocol import Admission, Store
+from .store.protocol import Admission, Store, Switch
 from .store.redis import RedisStore
 from .store.urls import redact
 from .telemetry import MetricsSink, default_sinks
@@ -51,9 +57,6 @@ def _secret(value: str | bytes | None) -> bytes | None:
 
 
 _RUNTIMES: weakref.WeakKeyDictionary[Any, Runtime] = weakref.WeakKeyDictionary()
-_PICKLE = {"pickle", "application/x-python-serialize"}
-_REDIS_BROKERS = ("redis", "rediss", "sentinel", "redis+socket")
-DEFAULT_VISIBILITY_TIMEOUT = 3600.0
 DEFAULT_BREAKER = BreakerPolicy()
 
 
@@ -90,9 +93,10 @@ class Runtime:
         self.epoch_guard = epoch_guard
         self.sinks: list[MetricsSink] = default_sinks()
         self.policies_path: str | None = None
-        self.policy_file: policyfile.PolicyFile | None = None
+        self.policy_file: config.PolicyFile | None = None
         self.reload_interval = float(os.environ.get("RESILIENT_TASKS_RELOAD_INTERVAL", "1.0"))
-        self._resolved: dict[str, tuple[TaskPolicy, policyfile.Resolved]] = {}
+        self._resolved: dict[str, tuple[TaskPolicy, config.Merged[TaskPolicy]]] = {}
+        self._downstreams: dict[tuple[str, str], BreakerPolicy] = {}
         self._next_check = 0.0
         self._refused_mtime: float | None = None
         #: This process's stand-in for breakers and retry budgets while the store is
@@ -101,7 +105,6 @@ class Runtime:
 
     def longest_lease(self) -> float:
         """The longest idempotency lease of this app's tasks (how long an old run may live)."""
-        from .guards.idempotency import DEFAULT_LEASE, task_lease
 
         longest = 0.0
         for task in list(self.app.tasks.values()):
@@ -117,20 +120,44 @@ class Runtime:
             return 0
         return int(self.clock() * 1000)
 
+    #: Events an operator alerts on: besides ``counters``, each is told to every sink
+    #: (OTel counter ``resilience.events``, Prometheus ``resilience_events_total``, with
+    #: ``event`` and ``downstream`` labels).
+    EXPORTED_EVENTS = frozenset(
+        {"store_amnesia", "end_lost", "policy_reload_refused", "store_misconfigured", "fallback_tampered"}
+    )
+
     def count(self, event: str, downstream: str = "") -> None:
-        """Count an outcome in this process (exported by the telemetry layer)."""
+        """Count an outcome in this process; an event of ``EXPORTED_EVENTS`` is also told
+        to every sink (never raises)."""
         self.counters[(event, downstream)] += 1
+        if event in self.EXPORTED_EVENTS:
+            for sink in self.sinks:
+                try:
+                    sink.event(event, downstream)
+                except Exception as exc:  # a metric is worth less than the task counting it
+                    log.warning("could not export the %s event to %s: %s", event, type(sink).__name__, exc)
 
-    def breaker_policy(self, name: str, task_policy: TaskPolicy) -> BreakerPolicy:
-        """The breaker policy for ``name``.
+    def breaker_policy(self, name: str, task: ResilientTask, task_policy: TaskPolicy) -> BreakerPolicy:
+        """The breaker policy for ``name`` in ``task`` (whose effective policy is
+        ``task_policy``).
 
-        The task's own downstream: its resolved policy (file layers already merged).
-        Another name (``self.downstream(name)``): ``[downstreams.name]`` of the file when
-        there is one, else the task's breaker policy, else the default."""
+        The task's own downstream: its merged policy (file layers already in). Another
+        name (``self.downstream(name)``): ``[downstreams.name]`` layered over the task's
+        breaker policy, merged and checked like any other policy (``config``)."""
         if name == task_policy.downstream and task_policy.breaker is not None:
             return task_policy.breaker
-        from_file = self.policy_file.downstreams.get(name) if self.policy_file else None
-        return from_file or task_policy.breaker or DEFAULT_BREAKER
+        if self.policy_file is None:
+            return task_policy.breaker or DEFAULT_BREAKER
+        found = self._downstreams.get((name, task.name))
+        if found is None:
+            try:
+                merged = config.merge_downstream(name, task.name, task.policy, self.policy_file).policy
+            except PolicyError as exc:  # checked at worker start: only a name seen at run time
+                log.error("breaker %r of %s: the policies file does not apply (%s)", name, task.name, exc)
+                merged = task_policy.breaker or DEFAULT_BREAKER
+            found = self._downstreams[(name, task.name)] = merged
+        return found
 
     @property
     def store(self) -> Store:
@@ -164,10 +191,12 @@ class Runtime:
     # -- the worker policies file -------------------------------------------------------
 
     def load_policies(self, path: str | os.PathLike[str]) -> None:
-        """Load and fully validate the policies file (raises ``PolicyFileError``)."""
+        """Load and check the policies file (raises ``PolicyFileError``); it is checked
+        against every registered task when the worker starts (``check_policies``)."""
         self.policies_path = str(path)
-        self.policy_file = policyfile.load(self.policies_path)
+        self.policy_file = config.load(self.policies_path)
         self._resolved.clear()
+        self._downstreams.clear()
         self._next_check = time.monotonic() + self.reload_interval
 
     def note_admission(self, downstream: str, admission: Admission) -> None:
@@ -196,8 +225,11 @@ class Runtime:
 
         def warm() -> None:
             try:
-                self.store.warm()
-            except PolicyError as exc:
+                store = self.store
+                if isinstance(store, RedisStore) and store.on_misconfigured is None:
+                    store.on_misconfigured = WorkerChecks.reporter(self)
+                store.warm()
+            except (PolicyError, ValueError, StoreUnavailable) as exc:
                 log.error("%s", exc)
 
         threading.Thread(target=warm, name="rt-store-warm-up", daemon=True).start()
@@ -212,13 +244,33 @@ class Runtime:
         self._maybe_reload()
         resolved = self._resolved.get(task.name)
         if resolved is None or resolved[0] is not task.policy:
-            found = policyfile.resolve(task.name, task.policy, self.policy_file)
+            try:
+                found = config.merge(task.name, task.policy, self.policy_file)
+            except PolicyError as exc:
+                # checked at worker start and before any reload is taken: only a task
+                # registered after the worker started can get here
+                log.error(
+                    "task %s: the policies file does not apply, its code policy is used: %s", task.name, exc
+                )
+                found = config.Merged(task.policy, {}, {})
             resolved = self._resolved[task.name] = (task.policy, found)
         return resolved[1].policy
 
-    def resolved(self, name: str, code: TaskPolicy) -> policyfile.Resolved:
+    def resolved(self, name: str, code: TaskPolicy) -> config.Merged[TaskPolicy]:
         """The effective policy and the layer that set each field (for ``policies``)."""
-        return policyfile.resolve(name, code, self.policy_file)
+        return config.merge(name, code, self.policy_file)
+
+    def registered(self) -> dict[str, TaskPolicy]:
+        """The app's resilient tasks and their code policies."""
+        tasks = self.app._tasks  # the registry as it is: no finalize from a worker's thread
+        return {name: task.policy for name, task in list(tasks.items()) if getattr(task, "resilient", False)}
+
+    def check_policies(self) -> None:
+        """Every registered task merged with the policies file, checked as code is:
+        raises ``PolicyFileError`` naming file, line, table, key and rule."""
+        if self.policy_file is None:
+            return
+        config.check(self.policy_file, self.registered(), extra=visibility_rule(self.app)).raise_errors()
 
     def _maybe_reload(self) -> None:
         """At most once per ``reload_interval``: stat the file, apply what may change live."""
@@ -235,34 +287,39 @@ class Runtime:
             return
         if mtime in (self.policy_file.mtime, self._refused_mtime):
             return
-        try:
-            new = policyfile.load(self.policies_path)
-        except PolicyError as exc:
-            self._refused_mtime = mtime
+        # never raises: a file of any shape or encoding is refused whole, and checked
+        # against every registered task first, so no job fails because of a reload
+        result = config.reload(
+            self.policy_file, self.policies_path, tasks=self.registered(), extra=visibility_rule(self.app)
+        )
+        if result.error is not None:
+            self._refused_mtime = result.mtime if result.mtime is not None else mtime
             self.count("policy_reload_refused")
-            log.error("policies file change NOT applied (the last good file stays in force):\n%s", exc)
+            log.error(
+                "policies file change NOT applied (the last good file stays in force):\n%s", result.error
+            )
             return
-        live, refused = policyfile.merge_live(self.policy_file, new)
-        previous_switches = self.policy_file.switches
-        self.policy_file = live
+        previous = self.policy_file
+        self.policy_file = result.file
+        if not result.changed:
+            return
         self._resolved.clear()
+        self._downstreams.clear()
         self.count("policy_reload")
         log.warning("policies file %s reloaded: breaker settings and switches applied", self.policies_path)
-        if refused:
+        if result.pending:
             self.count("policy_reload_partial")
-            log.warning("not applied live, restart the workers to apply: %s", "; ".join(refused))
-        changed = {k: v for k, v in live.switches.items() if previous_switches.get(k) != v}
+            log.warning("not applied live, restart the workers to apply: %s", "; ".join(result.pending))
+        changed = {k: v for k, v in result.file.switches.items() if previous.switches.get(k) != v}
         self.apply_file_switches(changed)
 
-    def apply_file_switches(self, switches: dict[str, str] | None = None) -> None:
+    def apply_file_switches(self, switches: Mapping[str, str] | None = None) -> None:
         """Write the file's switches to Redis (only values the file changed take effect)."""
-        from .switches import set_switch
-
         if self.policy_file is None:
             return
         for name, mode in (self.policy_file.switches if switches is None else switches).items():
             try:
-                set_switch(self, name, mode, source="file")
+                self.store.batch([Switch(name, mode, "file", self.now_ms())])  # type: ignore[arg-type]
             except StoreUnavailable as exc:
                 log.error("could not apply switch %s=%s from the policies file: %s", name, mode, exc)
 
@@ -299,75 +356,21 @@ def runtime_for(app: Celery) -> Runtime:
     return runtime
 
 
-def _check_serializers(app: Celery) -> None:
-    conf = app.conf
-    for setting in ("accept_content", "result_accept_content"):
-        values = {str(v) for v in (conf.get(setting) or ())}
-        if values & _PICKLE:
-            raise PolicyError(
-                setting,
-                "pickle is refused: a message that can run code on unpickling lets anyone "
-                "who can write to the broker run code on every worker; use ['json']",
-            )
-    for setting in ("task_serializer", "result_serializer", "event_serializer"):
-        if str(conf.get(setting)) in _PICKLE:
-            raise PolicyError(setting, "pickle is refused; use 'json'")
+def visibility_rule(app: Celery) -> config.ExtraCheck:
+    """The visibility-timeout rule applied to a merged policy (on a stand-in of the task
+    that carries it), so a policy from the file meets the same check as one in code."""
 
+    def rule(name: str, policy: TaskPolicy) -> str | None:
+        task = app._tasks.get(name)
+        if task is None:
+            return None
+        stand_in = object.__new__(type(task))
+        stand_in.__dict__.update(vars(task))
+        stand_in.policy = policy
+        check_visibility_timeout(app, [stand_in])  # raises PolicyError naming the field
+        return None
 
-def _largest_wait(app: Celery, tasks: list[Any]) -> tuple[float, str]:
-    """The longest countdown or lease any of ``tasks`` may schedule."""
-    from .guards.idempotency import task_lease
-    from .task import ResilientTask
-
-    largest, what = 0.0, ""
-    for task in tasks:
-        policy = getattr(task, "policy", None)
-        if (
-            not (
-                isinstance(task, ResilientTask)
-                or (isinstance(task, type) and issubclass(task, ResilientTask))
-            )
-            or policy is None
-        ):
-            continue
-        name = task.name
-        waits = []
-        if policy.retry is not None:
-            waits.append((policy.retry.cap, f"{name}: RetryPolicy.cap"))
-        if policy.idempotency is not None:
-            lease = task_lease(task, app, policy.idempotency)
-            waits.append((lease, f"{name}: IdempotencyPolicy.lease"))
-        if policy.breaker is not None or policy.downstream is not None:
-            breaker = policy.breaker or DEFAULT_BREAKER
-            # a deferral lands at the half-open time plus up to 5 s of jitter
-            longest_open = (breaker.open_for_max or breaker.open_for) + 5.0
-            waits.append((longest_open, f"{name}: BreakerPolicy.open_for (+5 s jitter)"))
-        for value, label in waits:
-            if value > largest:
-                largest, what = value, label
-    return largest, what
-
-
-def check_visibility_timeout(app: Celery, tasks: list[Any] | None = None) -> None:
-    """Refuse countdowns, leases or deferrals that the Redis broker would redeliver early.
-
-    The Redis transport re-delivers an unacked message after ``visibility_timeout``; an
-    ETA or countdown beyond it runs twice (Celery issues #2599, #3270, #4400).
-    """
-    url = str(app.conf.broker_url or "")
-    if url.split("://", 1)[0] not in _REDIS_BROKERS:
-        return
-    options = app.conf.broker_transport_options or {}
-    timeout = float(options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT))
-    if tasks is None:
-        tasks = list(app.tasks.values())
-    largest, what = _largest_wait(app, tasks)
-    if largest and timeout <= largest:
-        raise PolicyError(
-            "broker_transport_options.visibility_timeout",
-            f"{timeout:g}s must be above the longest wait a task can schedule ({largest:g}s, "
-            f"{what}); otherwise the Redis broker redelivers the message and it runs twice",
-        )
+    return rule
 
 
 def _sweep_unacked_every_interval(app: Celery) -> None:
@@ -380,7 +383,7 @@ def _sweep_unacked_every_interval(app: Celery) -> None:
     setting is kept (older kombu ignores the option and always throttles).
     """
     url = str(app.conf.broker_url or "")
-    if url.split("://", 1)[0] not in _REDIS_BROKERS:
+    if url.split("://", 1)[0] not in REDIS_BROKERS:
         return
     options = dict(app.conf.broker_transport_options or {})
     if "unacked_restore_throttle" not in options:
@@ -396,8 +399,6 @@ def install(
     prefix: str = "rt",
     store: Store | None = None,
     clock: Callable[[], float] = time.time,
-    acks_late: bool = True,
-    reject_on_worker_lost: bool = True,
     max_result_bytes: int = 512 * 1024,
     redis_options: dict[str, Any] | None = None,
     epoch_guard: bool = True,
@@ -407,9 +408,10 @@ def install(
 ) -> Runtime:
     """Wire resilient-tasks into ``app``: safe settings, the store and the publish hook.
 
-    Refuses pickle (a ``PolicyError`` naming the setting). Sets ``task_acks_late`` and
-    ``task_reject_on_worker_lost`` so a killed worker's task comes back, JSON serializers,
-    and checks the Redis broker's ``visibility_timeout`` against every task's waits.
+    Refuses pickle (a ``PolicyError`` naming the setting; checked again when a worker
+    starts), adds ``json`` to ``accept_content`` (other tasks' settings are left alone:
+    ``ResilientTask`` itself sets ``acks_late``, ``reject_on_worker_lost`` and JSON), and
+    checks the Redis broker's ``visibility_timeout`` against every task's waits.
 
     ``policies`` (or ``RESILIENT_TASKS_POLICIES``) is the worker policies file;
     ``cluster=True`` talks to a Redis Cluster; ``hmac_key`` (or
@@ -425,14 +427,14 @@ def install(
             f"must be a redis://, rediss://, unix:// or sentinel:// URL: {redact(redis_url)!r}",
         )
     policies = policies or os.environ.get(POLICIES_ENV) or None
-    _check_serializers(app)
+    check_serializers(app)
     if _configure:
         conf = app.conf
-        conf.task_serializer = "json"
-        conf.result_serializer = "json"
-        conf.accept_content = ["json"]
-        conf.task_acks_late = acks_late
-        conf.task_reject_on_worker_lost = reject_on_worker_lost
+        # ResilientTask carries acks_late, reject_on_worker_lost and the JSON serializer
+        # itself (Celery reads them per task): other tasks' settings are left alone.
+        accepted = list(conf.accept_content or ())
+        if "json" not in accepted and "application/json" not in accepted:
+            conf.accept_content = [*accepted, "json"]
         _sweep_unacked_every_interval(app)
     runtime = Runtime(
         app,
@@ -449,16 +451,19 @@ def install(
     if policies is not None:
         try:
             runtime.load_policies(policies)
-        except policyfile.PolicyFileError as exc:
+        except config.PolicyFileError as exc:
             if _running_celery_cli():
                 raise SystemExit(f"resilient-tasks: the worker will not start.\n{exc}") from None
             raise
     _RUNTIMES[app] = runtime
+    signals.task_received.connect(refuse_foreign_serializer, weak=False, dispatch_uid="resilient_tasks.json")
     signals.before_task_publish.connect(stamp_deadline, weak=False, dispatch_uid="resilient_tasks.deadline")
+    if WorkerChecks not in app.steps["worker"]:
+        app.steps["worker"].add(WorkerChecks)
     if _configure and not getattr(app, "_rt_metrics_option", False):
         from .prometheus import add_worker_option
 
-        add_worker_option(app)
+        add_worker_option(app, lambda target: runtime_for(target).sinks)
         app._rt_metrics_option = True
     signals.worker_ready.connect(_warm_on_worker_ready, weak=False, dispatch_uid="resilient_tasks.warm")
     signals.worker_process_init.connect(_warm_on_child_start, weak=False, dispatch_uid="resilient_tasks.warm")
@@ -467,6 +472,112 @@ def install(
     if _configure and app.finalized:
         check_visibility_timeout(app)  # tasks bound later are checked in ResilientTask.bind
     return runtime
+
+
+def refuse_foreign_serializer(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """``task_received``: a ResilientTask message in another serializer than JSON (an
+    app may accept msgpack or yaml for its other tasks) is revoked, never run."""
+    from celery.worker import state
+
+    if request is None or not getattr(request.task, "resilient", False):
+        return
+    if request.content_type in ("application/json", None):
+        return
+    log.error(
+        "task %s[%s] arrived as %s: a ResilientTask runs JSON messages only; revoked, not run",
+        request.name,
+        request.id,
+        request.content_type,
+    )
+    state.revoked.add(request.id)
+
+
+class WorkerChecks(bootsteps.Step):  # type: ignore[misc]
+    """Refuse to start a worker whose settings or policies file would fail its tasks:
+    checked after every ``conf.update`` (pickle switched on after ``install``), against
+    every task registered by then, the same checks a policy in code gets; and a worker
+    whose store refuses it (a wrong password, an ACL right missing: ``check_store``).
+    Each refusal is one ERROR line and exit status 1."""
+
+    label = "resilient-tasks checks"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        super().__init__(worker, **kwargs)
+        runtime = _RUNTIMES.get(worker.app)
+        if runtime is None:
+            return
+        try:
+            check_serializers(worker.app)
+            runtime.check_policies()
+        except PolicyError as exc:
+            raise self.refuse(exc) from None
+        self.check_store(runtime)
+
+    class Refused(SystemExit):
+        """Exit status 1, and the reason as its text (the ERROR line already told it:
+        Python prints nothing more for an exit with a number)."""
+
+        def __init__(self, message: str) -> None:
+            super().__init__(1)
+            self.message = message
+
+        def __str__(self) -> str:
+            return self.message
+
+    @classmethod
+    def refuse(cls, reason: BaseException) -> WorkerChecks.Refused:
+        """One ERROR line saying why the worker will not start, and the exit to raise."""
+        message = f"resilient-tasks: the worker will not start.\n{reason}"
+        log.error("%s", message)
+        return cls.Refused(message)
+
+    #: At run time, the same refusal is logged at most once per this many seconds (each
+    #: one is counted).
+    MISCONFIGURED_LOG_EVERY = 30.0
+
+    @classmethod
+    def check_store(cls, runtime: Runtime) -> None:
+        """Ask the store for every right a worker needs (``RedisStore.check``): a store
+        that refuses us (a wrong password, an ACL right missing) or a URL that cannot
+        work stops the worker with one ERROR; a store that cannot be reached now is only
+        logged (the worker starts, and its tasks defer until the store answers)."""
+        from .errors import StoreMisconfigured
+
+        if not runtime.redis_url and runtime._store is None:
+            return  # no store configured: a task that needs one says so
+        store: Store | None = None
+        try:
+            store = runtime.store
+            check = getattr(store, "check", None)
+            if check is not None:
+                check()
+        except (StoreMisconfigured, ValueError) as exc:
+            raise cls.refuse(exc) from None
+        except StoreUnavailable as exc:
+            log.warning(
+                "resilient-tasks: the store cannot be reached as the worker starts; its tasks "
+                "defer until it answers: %s",
+                exc,
+            )
+        if isinstance(store, RedisStore):  # (after the check: its refusal is told once)
+            store.on_misconfigured = cls.reporter(runtime)
+
+    @classmethod
+    def reporter(cls, runtime: Runtime) -> Callable[[StoreUnavailable], None]:
+        """What a running worker does with a refusal for who it is: count it
+        (``store_misconfigured``, exported) and log an ERROR, at most once per
+        ``MISCONFIGURED_LOG_EVERY`` seconds for the same refusal."""
+        last: dict[str, float] = {}
+
+        def report(error: StoreUnavailable) -> None:
+            runtime.count("store_misconfigured")
+            said = str(error)
+            now = time.monotonic()
+            if now - last.get(said, -cls.MISCONFIGURED_LOG_EVERY) >= cls.MISCONFIGURED_LOG_EVERY:
+                last[said] = now
+                log.error("resilient-tasks: %s (tasks that need the store defer until it is fixed)", said)
+
+        return report
 
 
 def _warm_on_worker_ready(sender: Any = None, **_: Any) -> None:
@@ -484,15 +595,3 @@ def _warm_on_child_start(**_: Any) -> None:
     runtime = _RUNTIMES.get(current_app._get_current_object())
     if runtime is not None:
         runtime.warm_store()
-
-
-def parse_expires(value: Any) -> float | None:
-    """Celery's ``expires`` header (ISO text or datetime) as an epoch timestamp."""
-    if value is None:
-        return None
-    if isinstance(value, datetime):
-        return value.timestamp()
-    try:
-        return datetime.fromisoformat(str(value)).timestamp()
-    except ValueError:
-        return None

@@ -1,7 +1,7 @@
 """What a call did, told to OpenTelemetry, Prometheus, Celery events and Flower.
 
-The telemetry guard runs first in the chain. It reads ``call.outcome`` (filled by the
-other guards) once the call and its ``end`` round trip are over, and reports:
+The pipeline calls ``report`` once an execution and its ``end`` round trip are over; it
+reads the execution's typed ``Outcome`` record and reports:
 
 - span attributes and events on the task span that ``opentelemetry-instrumentation-celery``
   opened (names in ``ATTRIBUTES``), when OpenTelemetry is installed;
@@ -23,13 +23,12 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 from celery import signals
 
-from .call import Call
-from .guards import Next
+from .guards.base import Execution, Outcome
 
 __all__ = [
     "ATTRIBUTES",
@@ -41,9 +40,9 @@ __all__ = [
     "OTelMetrics",
     "classify",
     "event_field",
+    "report",
     "show_in_flower",
     "task_events_enabled",
-    "telemetry_guard",
 ]
 
 log = logging.getLogger(__name__)
@@ -119,59 +118,55 @@ class MetricsSink(Protocol):
 
     def fallback_age(self, task: str, downstream: str, age_s: float) -> None: ...
 
+    def event(self, name: str, downstream: str) -> None:
+        """One of ``Runtime.EXPORTED_EVENTS`` happened (store data loss, a completion
+        not written, a policies reload refused, the store refusing us...)."""
+        ...
 
-def classify(call: Call, error: BaseException | None) -> list[str]:
-    """The outcomes of one call, from what the guards noted."""
-    seen = call.outcome
+
+def classify(ex: Execution, error: BaseException | None) -> list[str]:
+    """The outcomes of one execution, from its ``Outcome`` record."""
+    seen = ex.outcome
     found: list[str] = []
-    if "retry_delay_s" in seen:
+    if seen.retry_delay_s is not None:
         found.append("retried")
-    if "deferred_s" in seen:
+    if seen.deferred_s is not None:
         found.append("deferred")
-    if seen.get("idempotency") == "replayed":
+    if seen.idempotency == "replayed":
         found.append("deduplicated")
-    if seen.get("fallback_source") in ("cache", "function", "default"):
+    if seen.degraded:
         found.append("fallback_served")
-    if "breaker_rejected" in seen:
+    if seen.rejected_by is not None:
         found.append("rejected_open")
-    if seen.get("retry") == "budget_exhausted":
+    if seen.retry == "budget_exhausted":
         found.append("budget_exhausted")
-    if call.body_ran and call.body_error is None and "fallback_served" not in found:
+    if seen.body_ran and seen.body_error is None and "fallback_served" not in found:
         found.append("executed")
     if error is not None and not found:
         found.append("failed")
     return found
 
 
-def attributes(call: Call) -> dict[str, Any]:
-    """The span attributes of DESIGN.md for this call."""
-    seen = call.outcome
-    request = call.request
-    attrs: dict[str, Any] = {
-        "resilience.retry.attempt": call.attempt,
-        "resilience.retry.is_retry": call.attempt > 0,
-        "resilience.retry.original_id": str(request.id or ""),
+def attributes(ex: Execution) -> dict[str, Any]:
+    """The span attributes of DESIGN.md for this execution; each event carries every
+    one of them (None when it does not apply), so no field outlives its attempt."""
+    seen = ex.outcome
+    attempt = ex.attempt
+    served = seen.degraded
+    remaining = ex.remaining()
+    return {
+        "resilience.retry.attempt": attempt,
+        "resilience.retry.is_retry": attempt > 0,
+        "resilience.retry.original_id": str(ex.request.id or ""),
+        "resilience.retry.delay_s": seen.retry_delay_s,
+        "resilience.breaker.name": ex.policy.downstream or seen.rejected_by,
+        "resilience.breaker.state": _shown_state(seen) if seen.breaker_state is not None else None,
+        "resilience.idempotency.outcome": seen.idempotency,
+        "resilience.fallback.served": served if ex.policy.fallback is not None else None,
+        "resilience.fallback.source": seen.fallback_source if served else None,
+        "resilience.fallback.age_s": seen.fallback_age_s if served else None,
+        "resilience.deadline.remaining_s": round(remaining, 3) if remaining is not None else None,
     }
-    if "retry_delay_s" in seen:
-        attrs["resilience.retry.delay_s"] = float(seen["retry_delay_s"])
-    downstream = call.policy.downstream or seen.get("breaker_rejected")
-    if downstream:
-        attrs["resilience.breaker.name"] = str(downstream)
-    if "breaker_state" in seen:
-        attrs["resilience.breaker.state"] = str(seen["breaker_state"])
-    if "idempotency" in seen:
-        attrs["resilience.idempotency.outcome"] = str(seen["idempotency"])
-    if call.policy.fallback is not None:
-        served = seen.get("fallback_source") in ("cache", "function", "default")
-        attrs["resilience.fallback.served"] = served
-        if served:
-            attrs["resilience.fallback.source"] = str(seen["fallback_source"])
-            if seen.get("fallback_age_s") is not None:
-                attrs["resilience.fallback.age_s"] = float(seen["fallback_age_s"])
-    remaining = call.remaining()
-    if remaining is not None:
-        attrs["resilience.deadline.remaining_s"] = round(remaining, 3)
-    return attrs
 
 
 def _recording_span() -> Any:
@@ -182,9 +177,9 @@ def _recording_span() -> Any:
     return span if span.is_recording() else None
 
 
-def _span(call: Call, span: Any, attrs: dict[str, Any]) -> None:
-    span.set_attributes(attrs)
-    for name, state in call.outcome.get("breaker_transitions", ()):
+def _span(ex: Execution, span: Any, attrs: dict[str, Any]) -> None:
+    span.set_attributes({k: v for k, v in attrs.items() if v is not None})
+    for name, state in ex.outcome.transitions:
         span.add_event(
             "resilience.breaker.transition",
             {"resilience.breaker.name": str(name), "resilience.breaker.state": str(state)},
@@ -224,8 +219,8 @@ def task_events_enabled(task: Any) -> bool:
     return bool(getattr(worker, "task_events", False))  # a prefork child: what -E said
 
 
-def _events(call: Call, outcomes: list[str], attrs: dict[str, Any]) -> None:
-    task = call.task
+def _events(ex: Execution, outcomes: list[str], attrs: dict[str, Any]) -> None:
+    task = ex.task
     kinds = [(outcome, EVENTS[outcome]) for outcome in outcomes if outcome in EVENTS]
     if not kinds or not task_events_enabled(task):
         return
@@ -238,62 +233,55 @@ def _events(call: Call, outcomes: list[str], attrs: dict[str, Any]) -> None:
             log.warning("could not send %s: %s", kind, exc)
 
 
-def _shown_state(call: Call) -> str:
+def _shown_state(seen: Outcome) -> str:
     """The task's breaker as an operator would name it: a switch that holds it wins."""
-    switch = call.outcome.get("switch")
-    if switch == "forced_open":
+    if seen.switch == "forced_open":
         return "forced_open"
-    if switch == "breaker_disabled":
+    if seen.switch == "breaker_disabled":
         return "disabled"
-    return str(call.outcome.get("breaker_state"))
+    return str(seen.breaker_state)
 
 
 #: The counter name of each outcome, made once.
 _COUNTER_NAMES = {outcome: f"outcome.{outcome}" for outcome in OUTCOMES}
 
 
-def report(call: Call, error: BaseException | None) -> None:
-    """Tell every channel what this call did. Never raises."""
+def report(ex: Execution, error: BaseException | None, sinks: Sequence[MetricsSink]) -> None:
+    """Tell every channel what this execution did. Never raises."""
     try:
-        outcomes = classify(call, error)
+        outcomes = classify(ex, error)
         span = _recording_span()
         evented = not EVENTS.keys().isdisjoint(outcomes)
         # Attributes only for a span that records or an event to send: most calls have
         # neither, and building them is most of this function's cost.
-        attrs = attributes(call) if span is not None or evented else {}
+        attrs = attributes(ex) if span is not None or evented else {}
         if span is not None:
-            _span(call, span, attrs)
-        runtime = call.runtime
-        name = call.task.name
-        downstream = str(call.policy.downstream or call.outcome.get("breaker_rejected") or "")
+            _span(ex, span, attrs)
+        runtime = ex.runtime
+        seen = ex.outcome
+        name = ex.task.name
+        downstream = str(ex.policy.downstream or seen.rejected_by or "")
         for outcome in outcomes:
             # Namespaced: the guards count some of these events themselves
             # (``fallback_served``, ``rejected_open``, ...) under the bare name.
             runtime.count(_COUNTER_NAMES.get(outcome) or f"outcome.{outcome}", downstream)
-            for sink in runtime.sinks:
+            for sink in sinks:
                 sink.outcome(outcome, name, downstream)
         states: dict[str, str] = {}
-        if call.policy.downstream and call.outcome.get("breaker_state"):
-            states[call.policy.downstream] = _shown_state(call)
-        for breaker, state in call.outcome.get("breaker_transitions", ()):
+        if ex.policy.downstream and seen.breaker_state:
+            states[ex.policy.downstream] = _shown_state(seen)
+        for breaker, state in seen.transitions:
             states[breaker] = str(state)  # the latest transition of each breaker wins
         for breaker, state in states.items():
-            for sink in runtime.sinks:
+            for sink in sinks:
                 sink.breaker_state(breaker, state)
-        age = call.outcome.get("fallback_age_s")
-        if age is not None:
-            for sink in runtime.sinks:
-                sink.fallback_age(name, downstream, float(age))
+        if seen.degraded and seen.fallback_age_s is not None:
+            for sink in sinks:
+                sink.fallback_age(name, downstream, float(seen.fallback_age_s))
         if evented:
-            _events(call, outcomes, attrs)
+            _events(ex, outcomes, attrs)
     except Exception as exc:  # pragma: no cover - telemetry must never fail a task
         log.warning("telemetry failed: %s", exc)
-
-
-def telemetry_guard(call: Call, next: Next) -> Any:
-    """First in the chain: reports once the call and its ``end`` trip are done."""
-    call.finalizers.append(report)
-    return next(call)
 
 
 class OTelMetrics:
@@ -306,6 +294,7 @@ class OTelMetrics:
     def __init__(self, meter_provider: Any = None) -> None:
         assert otel_metrics is not None
         meter = otel_metrics.get_meter("resilient_tasks", meter_provider=meter_provider)
+        self._meter = meter
         # Tallied here and read by the SDK when it collects: nothing of OTel's runs per call.
         self._tally: dict[tuple[str, str, str], int] = {}
         self._tally_lock = threading.Lock()
@@ -351,6 +340,20 @@ class OTelMetrics:
     def fallback_age(self, task: str, downstream: str, age_s: float) -> None:
         self._ages.record(age_s, {"task": task, "downstream": downstream})
 
+    def event(self, name: str, downstream: str) -> None:
+        """Counted on ``resilience.events`` (attributes ``event``, ``downstream``), made
+        with the first event: they are rare, and most processes never see one."""
+        with self._tally_lock:
+            counter = self.__dict__.get("_events")
+            if counter is None:
+                counter = self._events = self._meter.create_counter(
+                    "resilience.events",
+                    unit="{event}",
+                    description="store data loss, completions not written, policies reloads refused, "
+                    "store refusals (wrong password, ACL) and tampered fallbacks, by event",
+                )
+        counter.add(1, {"event": name, "downstream": downstream})
+
 
 def default_sinks() -> list[MetricsSink]:
     """The OTel meter when OpenTelemetry is installed; Prometheus is added by its step."""
@@ -376,6 +379,3 @@ def show_in_flower(task_class: Any = None) -> tuple[str, ...]:
     added = tuple(name for name in FLOWER_FIELDS if name not in task_class._fields)
     task_class._fields = (*task_class._fields, *added)
     return added
-
-
-Finalizer = Callable[[Call, BaseException | None], None]

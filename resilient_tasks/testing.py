@@ -607,5 +607,20 @@ class SubprocessWorker:
 # The fixtures, for ``pytest_plugins = ["resilient_tasks.testing"]``; only when pytest is
 # installed, since programs that test nothing (the demo) use this module too.
 if importlib.util.find_spec("pytest") is not None:
-    from ._fixtures import rt_redis as rt_redis
-    from ._fixtures import rt_redis_flushed as rt_redis_flushed
+    import pytest
+
+    @pytest.fixture(scope="session")
+    def rt_redis() -> Iterator[RedisServer]:
+        """A redis-server of our own on a free loopback port, for the whole session."""
+        with RedisServer() as server:
+            yield server
+
+    @pytest.fixture
+    def rt_redis_flushed(rt_redis: RedisServer) -> RedisServer:
+        """The session's private server, emptied (it is ours: nobody else's data is lost)."""
+        client = rt_redis.client()
+        try:
+            client.flushall()
+        finally:
+            client.close()
+        return rt_redis

@@ -2,8 +2,11 @@
 
 A task whose downstream is open does not run and spends no retry: it is deferred to the
 half-open time plus jitter (``when_open="defer"``, bounded by ``max_deferrals`` and the
-deadline), served from fallback, or failed with ``CircuitOpen``. While the store is
-unreachable this process's ``MemoryStore`` (``runtime.local``) decides alike (fail-open).
+deadline), answered from its fallback, or failed with ``CircuitOpen``. Operators'
+switches ride in the same admission. While the store is unreachable this process's
+``MemoryStore`` (``runtime.local``) decides alike (fail-open).
+
+``downstream_call`` is the breaker of one block of a body (``self.downstream(name)``).
 """
 
 from __future__ import annotations
@@ -12,19 +15,16 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from ..call import DEFERRALS_HEADER, Call
 from ..errors import CircuitOpen, StoreUnavailable
 from ..keys import owner_id
 from ..policy import BreakerPolicy, matches
-from ..schedule import defer
 from ..store.protocol import Admission, Admit, Op, Record, Recorded
-from . import PASS_THROUGH, Next
-from .fallback import serve_fallback
+from .base import DEFERRALS_HEADER, RUN, Decision, EndOp, Execution, Guard, Kind, Outcome, Stage, pass_through
 
-__all__ = ["BreakerGuard", "downstream_call", "on_open", "outcome_of", "record_op", "task_breaker"]
+__all__ = ["BreakerGuard", "downstream_call", "outcome_of", "record_op", "refusal"]
 
 log = logging.getLogger(__name__)
 
@@ -62,157 +62,125 @@ def record_op(
     )
 
 
-def task_breaker(call: Call) -> tuple[str, BreakerPolicy] | None:
-    """The breaker guarding the whole body: its name and effective policy."""
-    name = call.policy.downstream
-    if name is None:
-        return None
-    return name, call.runtime.breaker_policy(name, call.policy)
-
-
-def on_open(call: Call, name: str, policy: BreakerPolicy, retry_after: float) -> Any:
+def refusal(ex: Execution, name: str, policy: BreakerPolicy, retry_after: float) -> Decision:
     """What a task does when ``name`` refuses it: defer, fall back, or fail."""
-    call.outcome["breaker_rejected"] = name
-    call.runtime.count("rejected_open", name)
+    ex.outcome.rejected_by = name
+    ex.runtime.count("rejected_open", name)
     rejection = CircuitOpen(name, retry_after)
     if policy.when_open == "defer":
-        deferrals = int(call.headers.get(DEFERRALS_HEADER) or 0)
+        deferrals = int(ex.headers.get(DEFERRALS_HEADER) or 0)
         if deferrals < policy.max_deferrals:
-            call.runtime.count("deferred", name)
+            ex.runtime.count("deferred", name)
             jitter = random.uniform(0.0, min(5.0, 0.2 * retry_after) + 0.05)
-            defer(call, retry_after + jitter, str(rejection), rejection)
-    elif policy.when_open == "fallback" and call.policy.fallback is not None:
-        return serve_fallback(call, rejection)
-    raise rejection
+            return Decision(
+                Kind.DEFER, countdown=retry_after + jitter, reason=str(rejection), error=rejection
+            )
+    elif policy.when_open == "fallback" and ex.policy.fallback is not None:
+        return Decision(Kind.FALLBACK, error=rejection)
+    return Decision(Kind.FAIL, error=rejection)
 
 
-def on_switch(call: Call, name: str, policy: BreakerPolicy, admission: Admission) -> Any:
-    """An operator's degrade switch: serve fallbacks only, reject, or hold the breaker open."""
-    call.outcome["switch"] = admission.switch
-    if admission.switch == "fallback_only":
-        call.runtime.count("switch_fallback_only", name)
-        return serve_fallback(call, CircuitOpen(name, admission.retry_after_ms / 1000.0))
-    if admission.switch == "reject":
-        call.runtime.count("switch_reject", name)
-        raise CircuitOpen(name, admission.retry_after_ms / 1000.0)
-    return on_open(call, name, policy, admission.retry_after_ms / 1000.0 or policy.open_for)
+def _local(ex: Execution, op: Any) -> Any:
+    """``op`` answered by this process's in-memory stand-in (the store is unreachable)."""
+    (answer,) = ex.runtime.local.batch([op])
+    return answer
 
 
-class BreakerGuard:
+def _local_now(ex: Execution) -> int:
+    return int(ex.runtime.clock() * 1000)
+
+
+def _recorded(ex: Execution, name: str, answer: Recorded) -> None:
+    if answer.transitioned:
+        ex.outcome.transitions.append((name, answer.state))
+        ex.runtime.count("transition", name)
+        log.warning("breaker %r is now %s", name, answer.state)
+
+
+class BreakerGuard(Guard):
     """Guards the task body with the breaker of ``TaskPolicy.downstream``."""
 
-    def prepare(self, call: Call) -> list[Op]:
-        found = task_breaker(call)
-        if found is None:
-            return []
-        name, policy = found
-        call.breaker_owner = owner_id()
-        return [Admit(name, policy, call.breaker_owner, call.runtime.now_ms())]
+    stage = Stage.BREAKER
 
-    def abandon(self, call: Call) -> list[Op]:
-        """A replayed or deferred call frees the probe lease it was handed."""
-        found = task_breaker(call)
-        answers = call.begin(self) if found is not None else []
-        admission: Admission | None = answers[0] if answers else None
-        if admission is None or not admission.probe or found is None:
-            return []
-        name, policy = found
-        return [
-            record_op(
-                name,
-                policy,
-                call.breaker_owner,
-                "none",
-                probe=True,
-                first_attempt=False,
-                now_ms=call.runtime.now_ms(),
-            )
-        ]
+    def __init__(self, ex: Execution) -> None:
+        self.name = ex.policy.downstream
+        self.policy = ex.runtime.breaker_policy(self.name, ex.task, ex.policy) if self.name else None
+        self.owner = owner_id()
+        self.admission: Admission | None = None
+        self.local = False
 
-    def __call__(self, call: Call, next: Next) -> Any:
-        found = task_breaker(call)
-        if found is None:
-            return self._inner_open(call, next)
-        name, policy = found
-        try:
-            (admission,) = call.begin(self)
-        except StoreUnavailable as exc:
-            call.breaker_local = True
-            call.runtime.count("breaker_local", name)
-            log.warning("breaker %r: store unavailable, using the local breaker: %s", name, exc)
-            admission = _local(call, Admit(name, policy, call.breaker_owner, _local_now(call)))
-        call.admission = admission
-        call.outcome["breaker_state"] = admission.state
+    def begin(self, ex: Execution) -> Sequence[Op]:
+        if self.name is None or self.policy is None:
+            return ()
+        return [Admit(self.name, self.policy, self.owner, ex.runtime.now_ms())]
+
+    def decide(self, ex: Execution, answers: Sequence[Any] | None) -> Decision:
+        name, policy = self.name, self.policy
+        if name is None or policy is None:
+            return RUN
+        if answers is None:
+            self.local = True
+            ex.runtime.count("breaker_local", name)
+            log.warning("breaker %r: store unavailable, using the local breaker", name)
+            admission: Admission = _local(ex, Admit(name, policy, self.owner, _local_now(ex)))
+        else:
+            (admission,) = answers
+        self.admission = admission
+        outcome = ex.outcome
+        outcome.breaker, outcome.breaker_state = name, admission.state
+        outcome.consecutive_failures = admission.consecutive_failures
         if admission.switch != "normal":
-            call.outcome["switch"] = admission.switch
-        call.outcome["consecutive_failures"] = admission.consecutive_failures
-        call.runtime.note_admission(name, admission)
-        if not admission.allowed:
-            if admission.switch != "normal":
-                return on_switch(call, name, policy, admission)
-            return on_open(call, name, policy, admission.retry_after_ms / 1000.0)
-        try:
-            result = self._inner_open(call, next)
-        except BaseException:
-            self._record(call, name, policy)
-            raise
-        self._record(call, name, policy)
-        return result
+            outcome.switch = admission.switch
+        ex.runtime.note_admission(name, admission)
+        if admission.allowed:
+            return RUN
+        retry_after = admission.retry_after_ms / 1000.0
+        if admission.switch == "fallback_only":
+            ex.runtime.count("switch_fallback_only", name)
+            return Decision(Kind.FALLBACK, error=CircuitOpen(name, retry_after))
+        if admission.switch == "reject":
+            ex.runtime.count("switch_reject", name)
+            return Decision(Kind.FAIL, error=CircuitOpen(name, retry_after))
+        if admission.switch != "normal":
+            return refusal(ex, name, policy, retry_after or policy.open_for)
+        return refusal(ex, name, policy, retry_after)
 
-    def _inner_open(self, call: Call, next: Next) -> Any:
-        """A ``CircuitOpen`` from ``self.downstream(...)`` in the body is handled alike."""
-        try:
-            return next(call)
-        except CircuitOpen as exc:
-            if call.body_error is not exc:
-                raise
-            policy = call.runtime.breaker_policy(exc.downstream, call.policy)
-            return on_open(call, exc.downstream, policy, exc.retry_after)
-
-    def _record(self, call: Call, name: str, policy: BreakerPolicy) -> None:
-        error = call.body_error
-        if not call.body_ran or isinstance(error, (*PASS_THROUGH, CircuitOpen)):
-            outcome = "none"
-        elif error is not None and call.attributed.get(id(error), name) != name:
-            outcome = "none"  # counted on the breaker of the block that raised it
+    def end(self, ex: Execution, outcome: Outcome) -> Sequence[EndOp]:
+        name, policy, admission = self.name, self.policy, self.admission
+        if name is None or policy is None or admission is None or not admission.allowed:
+            return ()
+        error = outcome.body_error
+        if not outcome.body_ran or isinstance(error, (*pass_through(), CircuitOpen)):
+            result = "none"
+        elif error is not None and outcome.attributed.get(id(error), name) != name:
+            result = "none"  # counted on the breaker of the block that raised it
         else:
             failed = error is not None and matches(policy.failure_on, error)
-            outcome = outcome_of(policy, failed, call.body_seconds)
-        call.outcome["breaker_outcome"] = outcome
-        probe = call.admission is not None and call.admission.probe
-        first = call.attempt == 0
-        if outcome == "none" and not probe:
-            return  # nothing reached the downstream and no probe lease to free
-        if call.breaker_local:
+            result = outcome_of(policy, failed, outcome.body_seconds)
+        outcome.breaker_outcome = result
+        probe = admission.probe
+        if result == "none" and not probe:
+            return ()  # nothing reached the downstream and no probe lease to free
+        first = ex.attempt == 0
+        if self.local:
+            now = _local_now(ex)
             recorded = _local(
-                call,
-                record_op(
-                    name, policy, call.breaker_owner, outcome, probe=probe, first_attempt=first,
-                    now_ms=_local_now(call),
-                ),
-            )  # fmt: skip
+                ex, record_op(name, policy, self.owner, result, probe=probe, first_attempt=first, now_ms=now)
+            )
             if recorded.transitioned:
                 log.warning("local breaker %r changed state", name)
-            return
-        call.at_end(
-            record_op(
-                name,
-                policy,
-                call.breaker_owner,
-                outcome,
-                probe=probe,
-                first_attempt=first,
-                now_ms=call.runtime.now_ms(),
-            ),
-            lambda done, answer: _recorded(done, name, answer),
+            return ()
+        op = record_op(
+            name, policy, self.owner, result, probe=probe, first_attempt=first, now_ms=ex.runtime.now_ms()
         )
+        return [(op, lambda answer: _recorded(ex, name, answer))]
 
 
 @contextlib.contextmanager
-def downstream_call(call: Call, name: str) -> Iterator[Admission]:
+def downstream_call(ex: Execution, name: str) -> Iterator[Admission]:
     """Guard one block of a body with the breaker ``name`` (admit, then record)."""
-    runtime = call.runtime
-    policy = runtime.breaker_policy(name, call.policy)
+    runtime = ex.runtime
+    policy = runtime.breaker_policy(name, ex.task, ex.policy)
     owner = owner_id()
     local = False
     try:
@@ -221,7 +189,7 @@ def downstream_call(call: Call, name: str) -> Iterator[Admission]:
         local = True
         runtime.count("breaker_local", name)
         log.warning("breaker %r: store unavailable, using the local breaker: %s", name, exc)
-        admission = _local(call, Admit(name, policy, owner, _local_now(call)))
+        admission = _local(ex, Admit(name, policy, owner, _local_now(ex)))
     if not admission.allowed:
         raise CircuitOpen(name, admission.retry_after_ms / 1000.0)
     started = time.monotonic()
@@ -230,53 +198,42 @@ def downstream_call(call: Call, name: str) -> Iterator[Admission]:
         yield admission
     except BaseException as exc:
         error = exc
-        call.attributed[id(exc)] = name
+        ex.outcome.attributed[id(exc)] = name
         raise
     finally:
         failed = (
-            error is not None and not isinstance(error, PASS_THROUGH) and matches(policy.failure_on, error)
+            error is not None and not isinstance(error, pass_through()) and matches(policy.failure_on, error)
         )
-        outcome = outcome_of(policy, failed, time.monotonic() - started)
-        _record_now(call, name, policy, owner, outcome, admission.probe, local)
+        result = outcome_of(policy, failed, time.monotonic() - started)
+        _record_now(ex, name, policy, owner, result, admission.probe, local)
 
 
 def _record_now(
-    call: Call, name: str, policy: BreakerPolicy, owner: str, outcome: str, probe: bool, local: bool
+    ex: Execution, name: str, policy: BreakerPolicy, owner: str, result: str, probe: bool, local: bool
 ) -> None:
-    runtime = call.runtime
-    first = call.attempt == 0
+    first = ex.attempt == 0
     if not local:
         op = record_op(
-            name, policy, owner, outcome, probe=probe, first_attempt=first, now_ms=runtime.now_ms()
+            name, policy, owner, result, probe=probe, first_attempt=first, now_ms=ex.runtime.now_ms()
         )
         try:
-            (answer,) = runtime.store.batch([op])
+            (answer,) = ex.runtime.store.batch([op])
         except StoreUnavailable:
-            local = True
+            pass
         else:
-            _recorded(call, name, answer)
+            _recorded(ex, name, answer)
             return
     _local(
-        call,
-        record_op(name, policy, owner, outcome, probe=probe, first_attempt=first, now_ms=_local_now(call)),
+        ex, record_op(name, policy, owner, result, probe=probe, first_attempt=first, now_ms=_local_now(ex))
     )
 
 
-def _local_now(call: Call) -> int:
-    return int(call.runtime.clock() * 1000)
+def inner_refusal(ex: Execution) -> Callable[[CircuitOpen], Decision]:
+    """How a ``CircuitOpen`` raised by ``self.downstream(name)`` in the body is handled:
+    like a refusal of the task's own breaker, with ``name``'s policy."""
 
+    def handle(exc: CircuitOpen) -> Decision:
+        policy = ex.runtime.breaker_policy(exc.downstream, ex.task, ex.policy)
+        return refusal(ex, exc.downstream, policy, exc.retry_after)
 
-def _local(call: Call, op: Any) -> Any:
-    """``op`` answered by this process's in-memory stand-in (the store is unreachable)."""
-    (answer,) = call.runtime.local.batch([op])
-    return answer
-
-
-def _recorded(call: Call, name: str, answer: Recorded) -> None:
-    state = answer.state
-    if answer.transitioned:
-        call.outcome.setdefault("breaker_transitions", []).append((name, state))
-        if name == call.policy.downstream:
-            call.outcome["breaker_transition"] = state
-        call.runtime.count("transition", name)
-        log.warning("breaker %r is now %s", name, state)
+    return handle

@@ -1,27 +1,37 @@
 """Deadline guard: never start work whose absolute deadline has passed.
 
 The deadline is carried in the ``rt_deadline`` header through retries, deferrals and
-child tasks (see ``runtime``'s publish hook), so the whole job shares one clock.
+child tasks (the runtime's publish hook), so the whole job shares one clock.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from ..call import Call, current_deadline
 from ..errors import DeadlineExceeded
-from . import Next
+from .base import RUN, Decision, Execution, Guard, Kind, Stage, current_deadline
 
-__all__ = ["deadline_guard"]
+__all__ = ["DeadlineGuard"]
 
 
-def deadline_guard(call: Call, next: Next) -> Any:
-    remaining = call.remaining()
-    if remaining is not None and remaining <= 0:
-        call.outcome["deadline"] = "exceeded"
-        raise DeadlineExceeded(f"deadline passed {-remaining:.2f}s ago; the task was not run")
-    token = current_deadline.set(call.deadline)
-    try:
-        return next(call)
-    finally:
-        current_deadline.reset(token)
+class DeadlineGuard(Guard):
+    stage = Stage.DEADLINE
+
+    def __init__(self, ex: Execution) -> None:
+        pass
+
+    def decide(self, ex: Execution, answers: Sequence[Any] | None) -> Decision:
+        remaining = ex.remaining()
+        if remaining is not None and remaining <= 0:
+            ex.outcome.deadline = "exceeded"
+            error = DeadlineExceeded(f"deadline passed {-remaining:.2f}s ago; the task was not run")
+            return Decision(Kind.FAIL, error=error)
+        return RUN
+
+    def around(self, ex: Execution, proceed: Callable[[], Any]) -> Any:
+        token = current_deadline.set(ex.deadline)
+        try:
+            return proceed()
+        finally:
+            current_deadline.reset(token)

@@ -17,32 +17,46 @@ parsing (hiredis), TLS, ACL, Sentinel and Cluster.
   restarted without persistence lost every in-flight claim, so claims answer ``amnesia``
   (fail closed) for a window; no claim pays for the check.
 - ``redis.RedisError`` becomes ``StoreUnavailable`` here and nowhere else, and no
-  password reaches a message.
+  password reaches a message. A refusal for who we are (a wrong password, ``NOPERM``)
+  becomes ``StoreMisconfigured``, naming the right that is missing; ``check`` asks for
+  every right a worker needs before it starts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
 import math
+import re
 import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
-from redis.exceptions import AskError, NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    AuthenticationError,
+    AuthorizationError,
+    NoPermissionError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from ..errors import StoreUnavailable
+from ..errors import StoreMisconfigured, StoreUnavailable
 from ..keys import owner_id
 from .evalsha import Codec, Command, Packer, load_commands, script_of, scripts, text
-from .protocol import BreakerView, Claim, ClaimAnswer, Op
-from .urls import parse_sentinel_url, redact, secrets_of
+from .protocol import BreakerView, Claim, ClaimAnswer, Forget, Op
+from .urls import parse_sentinel_url, password_pieces, redact, secrets_of
 
 __all__ = ["RedisStore"]
 
@@ -57,6 +71,75 @@ CALL_BUDGET = 2.0
 EPOCH_TTL_MS = 7 * 86_400_000
 #: Claims fail closed this long after amnesia unless told the longest lease.
 DEFAULT_AMNESIA_WINDOW_MS = 60_000
+
+
+# -- refusals for who we are -----------------------------------------------------------
+
+_AUTH_TEXT = re.compile(
+    r"WRONGPASS|NOAUTH|authentication required|invalid username-password|invalid password|"
+    r"user is disabled|without any password configured",
+    re.IGNORECASE,
+)
+_DENIED_TEXT = re.compile(
+    rf"{_AUTH_TEXT.pattern}|NOPERM|no permissions? to|can't run this command|can't access", re.IGNORECASE
+)
+_COMMAND = re.compile(r"permissions? to run the '([^']+)' command", re.IGNORECASE)
+_IN_SCRIPT = re.compile(r"script: ([0-9a-f]{40})")
+
+
+def denial(exc: BaseException | None) -> BaseException | None:
+    """The refusal for who we are (a wrong password, an ACL right missing) in ``exc`` or
+    in what caused it; None for every other failure (down, slow, out of memory...)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (AuthenticationError, AuthorizationError, NoPermissionError)):
+            return exc
+        if isinstance(exc, (RedisError, RedisClusterException)) and _DENIED_TEXT.search(str(exc)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@functools.cache
+def script_commands() -> tuple[str, ...]:
+    """The commands our Lua scripts call (Redis checks each against the caller's ACL)."""
+    found: set[str] = set()
+    for script in scripts().values():
+        found.update(name.lower() for name in re.findall(r"redis\.p?call\(\s*'([A-Za-z]+)'", script.source))
+    return tuple(sorted(found))
+
+
+def explain(refusal: BaseException, prefix: str) -> tuple[str, str | None]:
+    """What is wrong, and what to grant or give (an ACL rule when the answer says)."""
+    said = str(refusal)
+    if isinstance(refusal, (AuthenticationError, AuthorizationError)) or _AUTH_TEXT.search(said):
+        if "without any password configured" in said:
+            return (
+                "the URL gives a password but the server has none set",
+                "no password, or one set on the server",
+            )
+        if re.search(r"NOAUTH|authentication required", said, re.IGNORECASE):
+            return "the server requires a password and none was given", "a user and password in the store URL"
+        return (
+            "the user name or password was refused, or the user is disabled",
+            "the right password of an enabled user",
+        )
+    in_script = _IN_SCRIPT.search(said)
+    script = ""
+    if in_script is not None:
+        name = {s.sha: n for n, s in scripts().items()}.get(in_script.group(1))
+        script = f" (called by our {name!r} script)" if name else " (called by one of our scripts)"
+    command = _COMMAND.search(said)
+    if command is not None:
+        name = command.group(1).lower()
+        return f"the ACL user may not run {name!r}{script}", f"+{name}"
+    if re.search(r"\bkeys?\b", said, re.IGNORECASE):
+        return f"the ACL user may not touch our keys ({prefix}:*){script}", f"~{prefix}:*"
+    if in_script is not None:
+        rights = " ".join(f"+{name}" for name in script_commands())
+        return f"the ACL user may not run a command{script}", f"every command our scripts call: {rights}"
+    return "the ACL user is refused a command it needs", None
 
 
 @functools.cache
@@ -155,7 +238,10 @@ class RedisStore:
         self._sentinel: Sentinel | None = None
         self._watch: _MasterWatch | None = None
         self._client: Any = None
-        self.where = redact(url or "")
+        self._secrets = secrets_of(url, options, sentinel_kwargs)
+        self.where = redact(url or "", self._secrets)
+        #: Called with each ``StoreMisconfigured`` raised (a worker logs and counts it).
+        self.on_misconfigured: Callable[[StoreMisconfigured], None] | None = None
 
         # No silent re-sends: a script whose reply was lost may have run.
         options.setdefault("retry", Retry(NoBackoff(), 0))
@@ -177,6 +263,10 @@ class RedisStore:
         # (until the client says what the URL chose: a cluster connects while it is made)
         self.socket_timeout: float | None = options["socket_timeout"]
         self._secrets = secrets_of(url, options, sentinel_kwargs)
+        self._user: str | None = options.get("username")
+        if self._user is None and url:
+            with contextlib.suppress(ValueError):
+                self._user = urlsplit(url).username or None
         try:
             if sentinels is not None:
                 opened = self._open_sentinel(sentinels, service_name, sentinel_kwargs, options)
@@ -186,16 +276,22 @@ class RedisStore:
             elif url is None:
                 raise ValueError("RedisStore needs a url, or sentinels= and service_name=")
             elif cluster:
-                self.where = f"cluster {redact(url)}"
+                self.where = f"cluster {redact(url, self._secrets)}"
                 options["redis_connect_func"] = self._cluster_connected
                 self._client = redis.RedisCluster.from_url(url, **options)
             else:
-                self.where = redact(url)
+                self.where = redact(url, self._secrets)
                 options["redis_connect_func"] = self._connected
                 self._client = redis.Redis.from_url(url, **options)
         except ValueError as exc:
             said = str(exc)
             clean = redact(said, self._secrets)
+            if any(len(piece) > 1 and piece in clean for piece in password_pieces(url)):
+                # part of a raw password the parser quoted alone ("p/w" read as a port "p")
+                clean = (
+                    f"the store URL {self.where} could not be parsed: a '/', '@', ':', '?' or '#' "
+                    "in its password must be percent-encoded"
+                )
             if clean != said:
                 raise ValueError(clean) from None
             raise
@@ -239,14 +335,37 @@ class RedisStore:
     # -- errors -------------------------------------------------------------------------
 
     def _fail(self, what: str, exc: BaseException) -> NoReturn:
-        """``StoreUnavailable`` for a redis-py error; the cause is chained only when its
-        text holds no secret."""
+        """``StoreUnavailable`` for a redis-py error (``StoreMisconfigured`` for a refusal
+        for who we are); the cause is chained only when its text holds no secret."""
         said = str(exc)
         clean = redact(said, self._secrets)
-        error = StoreUnavailable(f"redis store at {self.where} {what}: {type(exc).__name__}: {clean}")
+        refusal = denial(exc)
+        if refusal is not None:
+            error: StoreUnavailable = self._misconfigured(refusal)
+        else:
+            error = StoreUnavailable(f"redis store at {self.where} {what}: {type(exc).__name__}: {clean}")
         if clean == said:
             raise error from exc
         raise error from None
+
+    def _misconfigured(self, refusal: BaseException) -> StoreMisconfigured:
+        """The error for a refusal for who we are: what is wrong, where (no password),
+        what is missing; told to ``on_misconfigured`` (never raises)."""
+        problem, missing = explain(refusal, self.prefix)
+        user = f" (user {self._user!r})" if self._user else ""
+        said = redact(str(refusal), self._secrets)
+        error = StoreMisconfigured(
+            f"redis store at {self.where}{user} refused resilient-tasks: {problem} "
+            f"[{type(refusal).__name__}: {said}]; missing: {missing or 'see the ACL rules in the docs'}",
+            missing,
+        )
+        hook = self.on_misconfigured
+        if hook is not None:
+            try:
+                hook(error)
+            except Exception as exc:  # reporting must never hide the error itself
+                log.warning("reporting a misconfigured store failed: %s", exc)
+        return error
 
     # -- connections --------------------------------------------------------------------
 
@@ -488,6 +607,8 @@ class RedisStore:
 
     def _answer(self, decode: dict[type, Callable[[Any], Any]], op: Op, value: Any) -> Any:
         if isinstance(value, ResponseError):
+            if denial(value) is not None:
+                raise self._misconfigured(value)
             said = redact(str(value), self._secrets)
             raise StoreUnavailable(
                 f"redis store at {self.where}: script {op.name!r} failed: {type(value).__name__}: {said}"
@@ -537,10 +658,8 @@ class RedisStore:
         except (RedisError, RedisClusterException) as exc:
             self._fail("is unreachable", exc)
 
-    def warm(self) -> None:
-        """Connect and load every script off a task's path (a worker starting), so the
-        first batch is one round trip. A store that cannot be reached is only logged:
-        the first batch will connect."""
+    def _load_scripts(self) -> None:
+        """``SCRIPT LOAD`` of every script, on one connection (each node of a cluster)."""
         try:
             if self.cluster:
                 for script in scripts().values():
@@ -554,8 +673,33 @@ class RedisStore:
             finally:
                 pool.release(conn)
         except (RedisError, RedisClusterException) as exc:
-            why = redact(str(exc), self._secrets)
-            log.info("store warm-up skipped (the first task will connect): %s", why)
+            self._fail("could not load the scripts", exc)
+
+    def warm(self) -> None:
+        """Connect and load every script off a task's path (a worker starting), so the
+        first batch is one round trip. A store that cannot be reached is only logged:
+        the first batch will connect. A store that refuses us is an ERROR (through
+        ``on_misconfigured`` when set)."""
+        try:
+            self._load_scripts()
+        except StoreMisconfigured as exc:
+            if self.on_misconfigured is None:
+                log.error("%s", exc)
+        except StoreUnavailable as exc:
+            log.info("store warm-up skipped (the first task will connect): %s", exc)
+
+    def check(self) -> None:
+        """Everything a worker needs from the store, asked before it starts: connect
+        (AUTH, SELECT, the epoch check), load every script, read the server's ``TIME``
+        and run a script on our prefix that writes (a claim of a record of its own,
+        forgotten in the same trip). Raises ``StoreMisconfigured`` when the store refuses
+        us (password, ACL: the message names the right missing), ``StoreUnavailable``
+        when it cannot be reached."""
+        self._load_scripts()
+        self.now_ms()
+        owner = owner_id()
+        record = f"start-check:{owner}"
+        self.batch([Claim(record, owner, 1000, 1000, task_id="start-check"), Forget(record)])
 
     def check_eviction(self) -> str | None:
         """Warn when Redis may evict our records to make room.
@@ -590,5 +734,3 @@ class RedisStore:
 
     def __repr__(self) -> str:
         return f"RedisStore({self.where}, prefix={self.prefix!r})"
-
-

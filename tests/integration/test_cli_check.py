@@ -112,3 +112,38 @@ def test_without_an_app_the_file_is_checked_alone(tmp_path: Path) -> None:
 def test_the_demo_fleet_file_is_clean_against_the_demo_app() -> None:
     done = check("--strict", "workers/policies.toml", app="workers.app")
     assert done.returncode == 0 and "checked against 1 tasks" in done.stdout, done.stdout + done.stderr
+
+
+def test_strict_lists_errors_and_unused_names_of_every_table_together_in_file_order(tmp_path: Path) -> None:
+    """Issue 16: the errors of every table in one run, in file order; with ``--strict``
+    the names no registered task uses (a downstream table, a switch) among them."""
+    text = """[tasks."shop.notify".retry]
+max_retries = 2
+
+[downstreams."paymnts"]
+min_calls = 5
+
+[tasks."shop.charge".breaker]
+open_for = 7200
+
+[switches]
+smtp = "reject"
+"""
+    path = policies(tmp_path, text)
+
+    def lines_of(done: subprocess.CompletedProcess[str]) -> list[str]:
+        found = [line.strip() for line in done.stderr.splitlines() if line.startswith((" ", "\t"))]
+        return [line.split(": ")[0].rsplit(":", 1)[-1] for line in found]
+
+    done = check(path)
+    assert done.returncode == 1 and "2 errors" in done.stderr, done.stderr
+    assert lines_of(done) == ["1", "8"], done.stderr
+    warned = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
+    assert [w.split(": ")[1].rsplit(":", 1)[-1] for w in warned] == ["4", "11"], done.stderr
+    assert '[downstreams."paymnts"]: no registered task has this downstream' in warned[0]
+
+    strict = check("--strict", path)
+    assert strict.returncode == 1 and "4 errors" in strict.stderr, strict.stderr
+    assert lines_of(strict) == ["1", "4", "8", "11"], strict.stderr
+    report = json.loads(check("--strict", "--json", path).stdout)
+    assert [p["line"] for p in report["problems"]] == [1, 4, 8, 11] and not report["warnings"]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import pytest
 from celery import Celery
+from celery.exceptions import TaskRevokedError
 
 import resilient_tasks as rt
+from resilient_tasks.testing import RedisServer, in_process_worker
+from tests.conftest import make_app
 
 
 def test_pickle_in_accept_content_fails_install() -> None:
@@ -24,13 +27,56 @@ def test_pickle_serializer_fails_install() -> None:
         rt.install(app)
 
 
-def test_install_sets_safe_defaults() -> None:
+def test_install_sets_safe_settings_per_task_and_leaves_other_tasks_alone() -> None:
     app = Celery("d", broker="memory://", set_as_current=False)
+    app.conf.accept_content = ["msgpack"]
     rt.install(app, redis_url="rediss://user:secret@127.0.0.1:6380/1?ssl_cert_reqs=required")
-    assert app.conf.task_acks_late is True
-    assert app.conf.task_reject_on_worker_lost is True
-    assert list(app.conf.accept_content) == ["json"]
-    assert app.conf.task_serializer == "json"
+
+    @app.task(base=rt.ResilientTask, shared=False)
+    def guarded() -> None: ...
+
+    @app.task(shared=False)
+    def plain() -> None: ...
+
+    assert list(app.conf.accept_content) == ["msgpack", "json"], "added to, not replaced"
+    assert not app.conf.task_acks_late and not app.conf.task_reject_on_worker_lost
+    assert guarded.acks_late is True and guarded.reject_on_worker_lost is True
+    assert guarded.serializer == "json"
+    assert not plain.acks_late and not plain.reject_on_worker_lost
+
+
+def test_pickle_switched_on_after_install_stops_the_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("C_FORCE_ROOT", "1")  # past Celery's own root check: ours must stop it
+    app = Celery("p", broker="memory://", set_as_current=False)
+    rt.install(app, redis_url="redis://127.0.0.1:1/1")
+    app.conf.update(accept_content=["json", "pickle"])
+    with pytest.raises(SystemExit, match="(?s)will not start.*accept_content.*pickle is refused"):
+        app.Worker(pool="solo", concurrency=1, loglevel="WARNING", without_heartbeat=True)
+
+
+def test_a_resilient_task_message_in_another_serializer_is_revoked_not_run(
+    rt_redis_flushed: RedisServer,
+) -> None:
+    app = make_app(rt_redis_flushed, accept_content=["json", "yaml"])
+    rt.install(app, redis_url=rt_redis_flushed.url(1))
+    runs: list[str] = []
+
+    @app.task(base=rt.ResilientTask, shared=False, name="t.guarded")
+    def guarded(x: str) -> str:
+        runs.append(x)
+        return x
+
+    @app.task(shared=False, name="t.plain")
+    def plain(x: str) -> str:
+        return x
+
+    with in_process_worker(app, concurrency=1):
+        assert plain.apply_async(("y",), serializer="yaml").get(timeout=20) == "y", "other tasks keep yaml"
+        sent = guarded.apply_async(("y",), serializer="yaml")
+        with pytest.raises(TaskRevokedError):
+            sent.get(timeout=20)
+        assert guarded.delay("j").get(timeout=20) == "j"
+    assert runs == ["j"], "the yaml message never ran"
 
 
 def test_install_makes_every_unacked_sweep_of_a_redis_broker_count() -> None:

@@ -11,7 +11,7 @@ import pytest
 from celery import Celery
 
 import resilient_tasks as rt
-from resilient_tasks.call import Call, ClaimHandle
+from resilient_tasks.guards.base import ClaimHandle, Execution, Outcome
 from resilient_tasks.testing import RedisServer
 
 
@@ -31,7 +31,7 @@ def collector_paused() -> Iterator[None]:
 def _ours(found: list[object]) -> list[object]:
     return [
         o for o in found
-        if isinstance(o, (Call, ClaimHandle))
+        if isinstance(o, (Execution, Outcome, ClaimHandle))
         or getattr(o, "__module__", "").startswith("resilient_tasks")
         or getattr(getattr(o, "__code__", None), "co_filename", "").find("resilient_tasks") >= 0
     ]

@@ -1,0 +1,272 @@
+"""One execution of a ``ResilientTask``, phase by phase.
+
+1. ``begin``: every guard's reads, in one round trip;
+2. ``decide``: in ``Stage`` order, the first decision that is not ``RUN`` answers the
+   call: a replayed value, a deferral (no retry spent), a failure, or the fallback.
+   ``CONFIRM`` (a claim put off while the downstream was believed to refuse) sends its
+   ops right before the body, once every later guard has let the call through;
+3. the body, wrapped by the guards' ``around`` (fallback outermost, then retry); a
+   ``CircuitOpen`` from ``self.downstream(name)`` in the body is decided like a refusal
+   of the task's own breaker;
+4. ``end``: every guard's writes, in one round trip, each answer read back;
+5. telemetry reads the typed ``Outcome``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .errors import CircuitOpen, StoreUnavailable
+from .guards.base import (
+    DEADLINE_HEADER,
+    Decision,
+    Execution,
+    Guard,
+    Kind,
+    current_execution,
+)
+from .guards.breaker import BreakerGuard, inner_refusal
+from .guards.deadline import DeadlineGuard
+from .guards.fallback import FallbackGuard
+from .guards.idempotency import DURABLE_OPS, IdempotencyGuard
+from .guards.retry import RetryGuard
+from .guards.schedule import defer
+from .memo import PerObject
+from .policy import TaskPolicy
+from .settings import DEFAULT_LEASE, task_lease
+from .store.protocol import Op
+from .telemetry import report
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+    from .task import ResilientTask
+
+__all__ = ["END_RETRY_PAUSES", "chain_for", "execute"]
+
+log = logging.getLogger(__name__)
+
+#: Pauses between tries of the ``end`` round trip (``None``: give up).
+END_RETRY_PAUSES: tuple[float | None, ...] = (0.05, 0.25, None)
+
+
+def _chain(policy: TaskPolicy) -> tuple[type[Guard], ...]:
+    """The visible, ordered chain for one policy: only the guards it needs."""
+    chain: list[type[Guard]] = [DeadlineGuard]
+    if policy.idempotency is not None:
+        chain.append(IdempotencyGuard)
+    if policy.downstream is not None:
+        chain.append(BreakerGuard)
+    if policy.fallback is not None:
+        chain.append(FallbackGuard)
+    if policy.retry is not None:
+        chain.append(RetryGuard)
+    return tuple(chain)
+
+
+#: The chain of a policy object, built once.
+chain_for: PerObject[tuple[type[Guard], ...]] = PerObject(_chain)
+
+
+def execute(
+    task: ResilientTask, runtime: Runtime, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    """Run ``task``'s body under its policy's guards; what Celery's ``__call__`` returns."""
+    policy = runtime.policy_for(task)
+    ex = Execution(task, policy, runtime, args, kwargs, request, _deadline(request, policy, runtime.clock()))
+    guards = [kind(ex) for kind in chain_for(policy)]  # type: ignore[call-arg]
+    token = current_execution.set(ex)
+    try:
+        try:
+            result = _run(ex, guards)
+        except BaseException as exc:
+            _end(ex, guards, failed=True)
+            report(ex, exc, runtime.sinks)
+            raise
+        try:
+            _end(ex, guards, failed=False)
+        except BaseException as exc:
+            report(ex, exc, runtime.sinks)
+            raise
+        report(ex, None, runtime.sinks)
+        return ex.result[0] if ex.result is not None else result
+    finally:
+        current_execution.reset(token)
+
+
+def _run(ex: Execution, guards: list[Guard]) -> Any:
+    answers = _begin(ex, guards)
+    confirming: Guard | None = None
+    for guard in guards:
+        decision = guard.decide(ex, answers.get(id(guard), ()))
+        if decision.kind is Kind.RUN:
+            continue
+        if decision.kind is Kind.CONFIRM:
+            confirming = guard
+            continue
+        return _enact(ex, guards, decision, answers)
+    if confirming is not None:
+        ops = list(confirming.confirm(ex))
+        try:
+            confirmed: Sequence[Any] | None = ex.runtime.store.batch(ops)
+        except StoreUnavailable:
+            confirmed = None
+        decision = confirming.confirmed(ex, confirmed)
+        if decision.kind is not Kind.RUN:
+            return _enact(ex, guards, decision, answers)
+    return _body(ex, guards, answers)
+
+
+def _begin(ex: Execution, guards: list[Guard]) -> dict[int, Sequence[Any] | None]:
+    """Every guard's ``begin`` ops in one round trip; per guard its answers (None: the
+    store failed)."""
+    planned = [(guard, list(guard.begin(ex))) for guard in guards]
+    ops = [op for _, own in planned for op in own]
+    if not ops:
+        return {}
+    try:
+        flat: list[Any] | None = ex.runtime.store.batch(ops)
+    except StoreUnavailable as exc:
+        log.info("begin round trip failed: %s", exc)
+        flat = None
+    answers: dict[int, Sequence[Any] | None] = {}
+    start = 0
+    for guard, own in planned:
+        if own:
+            answers[id(guard)] = None if flat is None else flat[start : start + len(own)]
+            start += len(own)
+    return answers
+
+
+def _enact(
+    ex: Execution, guards: list[Guard], decision: Decision, answers: dict[int, Sequence[Any] | None]
+) -> Any:
+    """Answer the call without its body, as ``decision`` says (``answers``: the begin
+    trip's, by guard: a fallback fetched in advance is served from them)."""
+    ex.outcome.stopped_by = decision.kind
+    if decision.kind is Kind.REPLAY:
+        return decision.value
+    if decision.kind is Kind.DEFER:
+        defer(ex, decision.countdown, decision.reason, decision.error)
+    if decision.kind is Kind.FALLBACK:
+        fallback = next((g for g in guards if isinstance(g, FallbackGuard)), None)
+        assert decision.error is not None
+        if fallback is None:
+            raise decision.error
+        return fallback.serve(ex, decision.error, answers.get(id(fallback)))
+    assert decision.error is not None
+    raise decision.error
+
+
+def _body(ex: Execution, guards: list[Guard], answers: dict[int, Sequence[Any] | None]) -> Any:
+    outcome = ex.outcome
+
+    def body() -> Any:
+        outcome.body_ran = True
+        started = time.monotonic()
+        try:
+            value = ex.task.run(*ex.args, **ex.kwargs)
+        except BaseException as exc:
+            outcome.body_error = exc
+            raise
+        finally:
+            outcome.body_seconds = time.monotonic() - started
+        outcome.value = value
+        return value
+
+    proceed: Callable[[], Any] = body
+    for guard in reversed(guards):
+        if type(guard).around is not Guard.around:
+            proceed = functools.partial(guard.around, ex, proceed)
+    if ex.policy.downstream is None and ex.policy.breaker is None:
+        return proceed()
+    try:
+        return proceed()
+    except CircuitOpen as exc:
+        if outcome.body_error is not exc:
+            raise
+        return _enact(ex, guards, inner_refusal(ex)(exc), answers)
+
+
+def _end(ex: Execution, guards: list[Guard], *, failed: bool) -> None:
+    """Every guard's writes in one round trip, then each answer read back."""
+    pairs = [pair for guard in guards for pair in guard.end(ex, ex.outcome)]
+    if not pairs:
+        return
+    ops = [op for op, _ in pairs]
+    started = time.monotonic()
+    answers: list[Any] | None = None
+    # The side effect has happened: losing its completion would let a duplicate run it
+    # again after the lease. Worth a few short tries (the writes are owner-checked, so a
+    # repeat of one that did land is refused harmlessly). Only quick failures are tried
+    # again: after a timeout the worker has waited long enough, and the lease covers it.
+    budget = ex.runtime.store_timeout() / 2
+    for pause in END_RETRY_PAUSES:
+        try:
+            answers = ex.runtime.store.batch(ops)
+            break
+        except StoreUnavailable as exc:
+            if pause is None or time.monotonic() - started + pause > budget:
+                _hand_over(ex, ops, exc)
+                break
+            time.sleep(pause)
+    ex.outcome.end_ms = (time.monotonic() - started) * 1000
+    if answers is None:
+        return
+    for (_, read), answer in zip(pairs, answers, strict=True):
+        if read is None:
+            continue
+        if not failed:
+            read(answer)
+            continue
+        try:  # the call already failed: reading an answer must not hide that error
+            read(answer)
+        except Exception as exc:
+            log.warning("after a failed call, reading the store's answer failed: %s", exc)
+
+
+def _hand_over(ex: Execution, ops: list[Op], exc: StoreUnavailable) -> None:
+    durable: list[Op] = [op for op in ops if isinstance(op, DURABLE_OPS)]
+    log.error(
+        "could not record the outcome (%s ops) in the store: %s; %s handed to the background "
+        "until the lease ends",
+        len(ops),
+        exc,
+        len(durable),
+    )
+    ex.outcome.end = "store_unavailable"
+    ex.runtime.count("end_lost")
+    if durable:
+        idempotency = ex.policy.idempotency
+        lease = task_lease(ex.task, ex.task.app, idempotency) if idempotency is not None else DEFAULT_LEASE
+        ex.runtime.heartbeat.hand_over(durable, lease)
+
+
+def _deadline(request: Any, policy: TaskPolicy, now: float) -> float | None:
+    candidates = []
+    carried = (request.headers or {}).get(DEADLINE_HEADER)
+    if carried is not None:
+        candidates.append(float(carried))
+    elif policy.deadline is not None:
+        candidates.append(now + policy.deadline)
+    expires = _parse_expires(getattr(request, "expires", None))
+    if expires is not None:
+        candidates.append(expires)
+    return min(candidates) if candidates else None
+
+
+def _parse_expires(value: Any) -> float | None:
+    """Celery's ``expires`` header (ISO text or datetime) as an epoch timestamp."""
+    from datetime import datetime
+
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        return value.timestamp()
+    try:
+        return datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return None
