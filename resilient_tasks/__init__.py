@@ -15,6 +15,7 @@ from .errors import (
     PolicyError,
     ResilienceError,
     RetryBudgetExhausted,
+    StoreMisconfigured,
     StoreUnavailable,
 )
 from .fallback import Degraded, NotFound, unwrap
@@ -54,6 +55,7 @@ __all__ = [
     "RetryBudgetExhausted",
     "RetryPolicy",
     "Runtime",
+    "StoreMisconfigured",
     "StoreUnavailable",
     "TaskPolicy",
     "install",

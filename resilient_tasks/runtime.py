@@ -20,8 +20,10 @@ from celery import bootsteps, signals
 from . import config
 from .errors import PolicyError, StoreUnavailable
 from .guards.base import DEADLINE_HEADER, current_deadline
+from .guards.tally import Tally
 from .heartbeat import Heartbeat
 from .policy import BreakerPolicy
+from .process import current_pid
 from .settings import (
     DEFAULT_LEASE,
     REDIS_BROKERS,
@@ -102,6 +104,19 @@ class Runtime:
         #: This process's stand-in for breakers and retry budgets while the store is
         #: unreachable (fail-open): the same operations, in memory.
         self.local = MemoryStore(clock)
+        self._tallies: dict[str, Tally] = {}
+        self._tallies_pid = -1
+
+    def tally(self, downstream: str) -> Tally:
+        """This process's view of ``downstream``'s breaker and its unsent successes (a
+        forked child starts with none of its parent's)."""
+        pid = current_pid()
+        if pid != self._tallies_pid:
+            self._tallies, self._tallies_pid = {}, pid
+        found = self._tallies.get(downstream)
+        if found is None:
+            found = self._tallies.setdefault(downstream, Tally(self.clock))
+        return found
 
     def longest_lease(self) -> float:
         """The longest idempotency lease of this app's tasks (how long an old run may live)."""
@@ -320,6 +335,7 @@ class Runtime:
         for name, mode in (self.policy_file.switches if switches is None else switches).items():
             try:
                 self.store.batch([Switch(name, mode, "file", self.now_ms())])  # type: ignore[arg-type]
+                self.tally(name).forget()
             except StoreUnavailable as exc:
                 log.error("could not apply switch %s=%s from the policies file: %s", name, mode, exc)
 

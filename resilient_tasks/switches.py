@@ -1,7 +1,8 @@
 """Operator controls for a downstream, kept in its breaker hash in Redis.
 
 Every admission reads the switch in the same script, so a switch flipped on one machine
-holds on every worker at its next task, with no extra round trip:
+holds on every worker within ``flush_interval`` (a worker admitting calls from its own
+view of the breaker learns it at its next round trip to it; with 0, at its next task):
 
 - ``normal``: the breaker decides;
 - ``fallback_only``: do not call the downstream, serve fallbacks (or fail);
@@ -34,6 +35,9 @@ def _apply(target: Any, downstream: str, mode: str, source: str) -> tuple[str, b
     runtime = _runtime(target)
     op = Switch(downstream, mode, source, runtime.now_ms())  # type: ignore[arg-type]
     (answer,) = runtime.store.batch([op])
+    # this process's view of the breaker is stale now; other processes learn the switch
+    # at their next round trip to the breaker (within BreakerPolicy.flush_interval)
+    runtime.tally(downstream).forget()
     return answer.previous, answer.applied
 
 

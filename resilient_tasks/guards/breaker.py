@@ -12,6 +12,7 @@ switches ride in the same admission. While the store is unreachable this process
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -23,6 +24,7 @@ from ..keys import owner_id
 from ..policy import BreakerPolicy, matches
 from ..store.protocol import Admission, Admit, Op, Record, Recorded
 from .base import DEFERRALS_HEADER, RUN, Decision, EndOp, Execution, Guard, Kind, Outcome, Stage, pass_through
+from .tally import Tally
 
 __all__ = ["BreakerGuard", "downstream_call", "outcome_of", "record_op", "refusal"]
 
@@ -108,15 +110,30 @@ class BreakerGuard(Guard):
         self.owner = owner_id()
         self.admission: Admission | None = None
         self.local = False
+        #: This process's view of the breaker, when the policy flushes in batches.
+        self.tally: Tally | None = None
+        self.from_view = False
 
     def begin(self, ex: Execution) -> Sequence[Op]:
         if self.name is None or self.policy is None:
             return ()
+        if self.policy.flush_interval > 0:
+            self.tally = ex.runtime.tally(self.name)
+            view = self.tally.admits(self.policy.flush_interval)
+            if view is not None:  # closed, learned moments ago: admitted here
+                self.from_view = True
+                self.admission = Admission("allow", "closed", 0, view.consecutive_failures)
+                return ()
         return [Admit(self.name, self.policy, self.owner, ex.runtime.now_ms())]
 
     def decide(self, ex: Execution, answers: Sequence[Any] | None) -> Decision:
         name, policy = self.name, self.policy
         if name is None or policy is None:
+            return RUN
+        if self.from_view and self.admission is not None:
+            seen = ex.outcome
+            seen.breaker, seen.breaker_state = name, self.admission.state
+            seen.consecutive_failures = self.admission.consecutive_failures
             return RUN
         if answers is None:
             self.local = True
@@ -125,6 +142,8 @@ class BreakerGuard(Guard):
             admission: Admission = _local(ex, Admit(name, policy, self.owner, _local_now(ex)))
         else:
             (admission,) = answers
+            if self.tally is not None:
+                self.tally.learn(admission.state, admission.switch, admission.consecutive_failures)
         self.admission = admission
         outcome = ex.outcome
         outcome.breaker, outcome.breaker_state = name, admission.state
@@ -170,10 +189,29 @@ class BreakerGuard(Guard):
             if recorded.transitioned:
                 log.warning("local breaker %r changed state", name)
             return ()
+        tally = self.tally
+        if tally is not None and result == "ok" and not probe and admission.state == "closed":
+            # a success in the closed state: counted here, sent with others
+            tally.add(first)
+            if not tally.due(policy.flush_interval):
+                return ()
+            ok, firsts = tally.take()
+            flush = Record(name, policy, self.owner, ok=ok, first_attempts=firsts, now_ms=ex.runtime.now_ms())
+            return [(flush, lambda answer: self._learned(ex, answer))]
         op = record_op(
             name, policy, self.owner, result, probe=probe, first_attempt=first, now_ms=ex.runtime.now_ms()
         )
+        if tally is not None and not probe:  # a failure or a slow call: at once, with the waiting successes
+            ok, firsts = tally.take()
+            op = dataclasses.replace(op, ok=op.ok + ok, first_attempts=op.first_attempts + firsts)
+            return [(op, lambda answer: self._learned(ex, answer))]
         return [(op, lambda answer: _recorded(ex, name, answer))]
+
+    def _learned(self, ex: Execution, answer: Recorded) -> None:
+        """A record's answer renews this process's view of the breaker."""
+        assert self.tally is not None and self.name is not None
+        self.tally.learn(answer.state, answer.switch, answer.consecutive_failures)
+        _recorded(ex, self.name, answer)
 
 
 @contextlib.contextmanager

@@ -61,6 +61,11 @@ class Tally:
         with self._lock:
             self._view = _View(state, switch, consecutive_failures, self._clock())
 
+    def forget(self) -> None:
+        """Drop the view (a switch flipped from this process): the next call asks."""
+        with self._lock:
+            self._view = _View()
+
     def admits(self, interval: float) -> _View | None:
         """The view when a call may be admitted here: closed, no switch, learned within
         ``interval``; else None (ask the store)."""

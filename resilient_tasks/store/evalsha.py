@@ -190,7 +190,7 @@ class Codec:
     def complete(self, op: Complete) -> Command:
         return (
             "EVALSHA", self.sha["complete"], 1, f"{self.idem}{{{op.record}}}", op.owner, int(op.token),
-            op.result, int(op.ttl_ms), int(op.now_ms),
+            op.result, int(op.ttl_ms),
         )  # fmt: skip
 
     def release(self, op: Release) -> Command:
@@ -273,7 +273,7 @@ def _admission(raw: Any) -> Admission:
 
 
 def _recorded(raw: Any) -> Recorded:
-    return Recorded(text(raw[0]), bool(raw[1]), raw[2])
+    return Recorded(text(raw[0]), bool(raw[1]), raw[2], text(raw[3]) if len(raw) > 3 else "normal")
 
 
 def _spend_answer(raw: Any) -> SpendAnswer:
@@ -287,9 +287,14 @@ def _switch_answer(raw: Any) -> SwitchAnswer:
 def _cache_entry(raw: Any) -> CacheEntry:
     if not raw:
         return CacheEntry()
-    kind = _KINDS[raw[0]]
+    head = raw[0]
+    if not head:  # nothing to use, but a good value of this age is held
+        return CacheEntry(good_age_ms=raw[1])
+    kind = _KINDS[head]
     if kind == "ok":
-        return CacheEntry(kind, text(raw[1]), raw[2], raw[3], _maybe_text(raw[4]) if len(raw) > 4 else None)
+        return CacheEntry(kind, text(raw[1]), raw[2], raw[3], _maybe_text(raw[4]), raw[5])
+    if kind == "failure":
+        return CacheEntry(kind, _maybe_text(raw[1]), good_age_ms=raw[2])
     return CacheEntry(kind, _maybe_text(raw[1]))
 
 

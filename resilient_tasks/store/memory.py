@@ -63,7 +63,6 @@ class _Idem:
     task_id: str = ""
     claimed_at: int = 0
     result: str | None = None
-    done_at: int | None = None
 
 
 @dataclass(slots=True)
@@ -279,7 +278,7 @@ class MemoryStore:
         rec.token += 1
         rec.state, rec.owner, rec.fp = "in_flight", op.owner, op.fingerprint
         rec.lease_until, rec.task_id, rec.claimed_at = now + op.lease_ms, op.task_id, now
-        rec.result = rec.done_at = None
+        rec.result = None
         rec.expires_at = real + max(op.ttl_ms, op.lease_ms)
         return ClaimAnswer("claimed", rec.token)
 
@@ -294,7 +293,7 @@ class MemoryStore:
             return CompleteAnswer(False, "", None)
         if not ours:
             return CompleteAnswer(False, rec.state or "", rec.result)
-        rec.state, rec.result, rec.done_at = "done", op.result, op.now_ms or clock
+        rec.state, rec.result = "done", op.result
         rec.expires_at = real + op.ttl_ms
         return CompleteAnswer(True)
 
@@ -302,7 +301,7 @@ class MemoryStore:
         rec, ours = self._owned(op.record, op.owner, op.token, real)
         if rec is None or not ours:
             return False
-        rec.state, rec.lease_until, rec.owner = "released", None, None
+        rec.state = "released"  # (owner and lease_until stay, as in the script: read only in flight)
         rec.expires_at = real + op.ttl_ms
         return True
 
@@ -375,6 +374,9 @@ class MemoryStore:
         rec = self._breaker(op.downstream, real)
         state = rec.state or "closed"
         consec, open_count, switch = rec.consec, rec.open_count, rec.switch or "normal"
+        # the TTL is renewed when the record is created, a bucket's interval starts or the
+        # breaker moves (as the script does: not on every call)
+        renew = rec.state is None
         if rec.state is None:
             rec.name, rec.state, rec.changed_at = op.downstream, "closed", now
         if op.probe:
@@ -383,6 +385,9 @@ class MemoryStore:
         transitioned = False
         if calls > 0 or op.first_attempts > 0:
             idx, slot = _bucket_of(now, n.window_ms, n.buckets)
+            held = rec.slots.get(slot)
+            if held is None or held.t != idx:
+                renew = True
             bucket = rec.touch(idx, slot)
             failed_n, slow_n = op.fail + op.slowfail, op.slow + op.slowfail
             bucket.c += calls
@@ -427,8 +432,9 @@ class MemoryStore:
                         self._open(rec, n, now, open_count)
                         rec.trips += 1
                         state, transitioned = "open", True
-        rec.expires_at = real + n.ttl_ms
-        return Recorded(state, transitioned, consec)
+        if renew or transitioned:
+            rec.expires_at = real + n.ttl_ms
+        return Recorded(state, transitioned, consec, switch)
 
     def _spend_retry(self, op: SpendRetry, clock: int, real: float) -> SpendAnswer:
         now = op.now_ms or clock
@@ -484,23 +490,27 @@ class MemoryStore:
             return CacheEntry("negative", rec.value)
         now = op.now_ms or clock
         failure = rec.fail_value if rec.fail_until is not None and rec.fail_until > now else None
-        if op.serve and rec.kind == "ok":
+        good_age = -1
+        if rec.kind == "ok":
             age = now - (rec.written_at or 0)
-            allowed = max(op.floor_ms, math.floor(op.ttl_ms * float(op.decay) ** op.failures))
-            if 0 < op.max_stale_ms < allowed:
-                allowed = op.max_stale_ms
-            if age < allowed:
-                remaining = allowed - age
-                if remaining < rec.expires_at - real:
-                    rec.expires_at = real + remaining
-                return CacheEntry("ok", rec.value, age, allowed, failure)
-            if failure is not None:
-                rec.kind = rec.value = rec.written_at = None  # the failure stays news
-            else:
-                del self._cache[op.record]
+            good_age = max(0, age)
+            if op.serve:
+                allowed = max(op.floor_ms, math.floor(op.ttl_ms * float(op.decay) ** op.failures))
+                if 0 < op.max_stale_ms < allowed:
+                    allowed = op.max_stale_ms
+                if age < allowed:
+                    remaining = allowed - age
+                    if remaining < rec.expires_at - real:
+                        rec.expires_at = real + remaining
+                    return CacheEntry("ok", rec.value, age, allowed, failure, good_age)
+                good_age = -1  # too old to serve: dropped
+                if failure is not None:
+                    rec.kind = rec.value = rec.written_at = None  # the failure stays news
+                else:
+                    del self._cache[op.record]
         if failure is not None:
-            return CacheEntry("failure", failure)
-        return CacheEntry()
+            return CacheEntry("failure", failure, good_age_ms=good_age)
+        return CacheEntry(good_age_ms=good_age)
 
     def _cache_put(self, op: CachePut, clock: int, real: float) -> bool:
         now = op.now_ms or clock

@@ -104,7 +104,8 @@ class ClaimAnswer(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Complete:
-    """Store the result, only if ``owner`` and ``token`` still hold the claim."""
+    """Store the result, only if ``owner`` and ``token`` still hold the claim.
+    (``now_ms`` is accepted but unused: nothing a completion stores depends on the clock.)"""
 
     name: ClassVar[str] = "complete"
     record: str
@@ -211,11 +212,13 @@ class Record:
 
 
 class Recorded(NamedTuple):
-    """The breaker's state after the record, and whether this record moved it."""
+    """The breaker's state after the record, whether this record moved it, and the
+    operator's switch (a process that admits calls from its own view learns it here)."""
 
     state: str
     transitioned: bool
     consecutive_failures: int
+    switch: str = "normal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +270,8 @@ class CacheGet:
     ``max(floor, ttl * decay**failures)`` and ``max_stale``; serving shortens the entry's
     remaining life to that bound, so a long outage drains stale data. A served value is
     answered as ``ok`` with any remembered failure in ``CacheEntry.failure``; a value
-    too old to serve is dropped."""
+    too old to serve is dropped. Every answer (a peek's too) tells the age of the good
+    value the entry holds in ``CacheEntry.good_age_ms``."""
 
     name: ClassVar[str] = "cache_get"
     record: str
@@ -284,13 +288,19 @@ class CacheEntry(NamedTuple):
     """``kind`` None: nothing to use. ``value`` is the stored text as written (for a
     ``failure``, the failure's text). A served ``ok`` value also carries ``failure``, the
     text of a failure remembered beside it, if any: one answer tells both "serve this if
-    the call is refused" and "this key failed moments ago"."""
+    the call is refused" and "this key failed moments ago".
+
+    ``good_age_ms``, on every answer (a peek's too): the age of the last good (``ok``)
+    value the entry holds, -1 when it holds none (never written, replaced by a negative
+    answer, expired, or dropped by this read as too old to serve). A caller can skip
+    rewriting an entry that is still fresh."""
 
     kind: CacheKind | None = None
     value: str | None = None
     age_ms: int = 0
     allowed_ms: int = 0
     failure: str | None = None
+    good_age_ms: int = -1
 
 
 @dataclass(frozen=True, slots=True)

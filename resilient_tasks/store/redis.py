@@ -354,9 +354,10 @@ class RedisStore:
         problem, missing = explain(refusal, self.prefix)
         user = f" (user {self._user!r})" if self._user else ""
         said = redact(str(refusal), self._secrets)
+        needed = missing or "a right of the ACL line in docs/RELIABILITY.md"
         error = StoreMisconfigured(
             f"redis store at {self.where}{user} refused resilient-tasks: {problem} "
-            f"[{type(refusal).__name__}: {said}]; missing: {missing or 'see the ACL rules in the docs'}",
+            f"[{type(refusal).__name__}: {said}]; missing: {needed}",
             missing,
         )
         hook = self.on_misconfigured

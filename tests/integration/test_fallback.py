@@ -212,7 +212,8 @@ def test_all_guards_with_the_breaker_open_serve_the_fallback_in_one_round_trip(a
     @app.task(base=rt.ResilientTask, bind=True, shared=False, policy=rt.TaskPolicy(
         downstream="pricing",
         idempotency=rt.IdempotencyPolicy(key=("request",)),
-        breaker=rt.BreakerPolicy(min_calls=1000, when_open="fallback"),
+        # a write per call (flush_interval=0): the trips below are exact, not batched
+        breaker=rt.BreakerPolicy(min_calls=1000, when_open="fallback", flush_interval=0),
         fallback=rt.FallbackPolicy(key=("sku",), ttl=120, floor=30),
     ))
     def price(self: rt.ResilientTask, sku: str, request: str) -> object:

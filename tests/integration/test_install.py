@@ -51,7 +51,7 @@ def test_pickle_switched_on_after_install_stops_the_worker(monkeypatch: pytest.M
     rt.install(app, redis_url="redis://127.0.0.1:1/1")
     app.conf.update(accept_content=["json", "pickle"])
     with pytest.raises(SystemExit, match="(?s)will not start.*accept_content.*pickle is refused"):
-        app.Worker(pool="solo", concurrency=1, loglevel="WARNING", without_heartbeat=True)
+        app.Worker(pool="solo", concurrency=1, loglevel="WARNING", without_heartbeat=True, use_eventloop=False)
 
 
 def test_a_resilient_task_message_in_another_serializer_is_revoked_not_run(

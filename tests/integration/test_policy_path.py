@@ -22,7 +22,7 @@ def _app(server: RedisServer, policies: Path, **conf: object) -> Celery:
 
 def _start_worker(app: Celery) -> None:
     """Build a real worker the way ``celery worker`` does (its bootsteps run)."""
-    app.Worker(pool="solo", concurrency=1, loglevel="WARNING", without_heartbeat=True)
+    app.Worker(pool="solo", concurrency=1, loglevel="WARNING", without_heartbeat=True, use_eventloop=False)
 
 
 def test_a_file_retry_on_work_that_is_not_idempotent_stops_the_worker(

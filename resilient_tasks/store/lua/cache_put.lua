@@ -14,7 +14,8 @@ if ARGV[4] == 'failure' then
   end
   return 1
 end
-redis.call('DEL', key)
-redis.call('HSET', key, 'value', ARGV[1], 'written_at', now, 'kind', ARGV[4])
+-- A value replaces the whole entry: every field is written (an empty fail_until is no
+-- failure), so no DEL is needed first.
+redis.call('HSET', key, 'value', ARGV[1], 'written_at', now, 'kind', ARGV[4], 'fail_value', '', 'fail_until', '')
 redis.call('PEXPIRE', key, ttl)
 return 1

@@ -3,12 +3,16 @@
 -- A record may carry many calls (a process flushing the successes it summed): they are
 -- taken as successes first, then failures, so the consecutive-failure count can only be
 -- over-counted, never under-counted.
+-- The common paths are one read, the clock and one write: a success with no failure
+-- (slow call) in the window skips reading the window; a failure reads it with the record
+-- itself. The record's TTL is renewed when a record starts a bucket's interval, creates
+-- the record or moves the breaker, not on every call (the TTL spans many windows).
 -- KEYS[1] breaker hash
 -- ARGV: now_ms (0 = TIME), owner, ok, fail, slow, slowfail, first_attempts,
 --       probe (1|0), failure_rate, min_calls, window_ms, buckets,
 --       consecutive_failures (0 = off), slow_call_rate (0 = off), open_for_ms,
 --       open_for_max_ms (0 = no growth), half_open_probes, name, ttl_ms
--- Returns {state, transitioned (0|1), consecutive_failures}
+-- Returns {state, transitioned (0|1), consecutive_failures, switch}
 local key = KEYS[1]
 local now = clock_ms(ARGV[1])
 local owner = ARGV[2]
@@ -19,15 +23,41 @@ local window, nb = tonumber(ARGV[11]), tonumber(ARGV[12])
 local max_consec, slow_rate = tonumber(ARGV[13]), tonumber(ARGV[14])
 local open_for, open_max, probes = tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])
 local idx, slot = bucket_of(now, window, nb)
+local calls = n_ok + n_fail + n_slow + n_slowfail
+local failed_n, slow_n = n_fail + n_slowfail, n_slow + n_slowfail
 
-local rec = redis.call('HMGET', key, 'state', 'consec', 'open_count', 'switch', 'lf', 'ls',
-                       't' .. slot, 'c' .. slot, 'f' .. slot, 's' .. slot, 'a' .. slot)
+-- the record's fields, this interval's slot, and (a failure or slow call among the
+-- calls: a closed breaker checks its rates) the whole window, in one HMGET
+local WIN = 14 -- where the window's t/c/f/s quadruples start in the answer
+local names = {'state', 'consec', 'open_count', 'switch', 'lf', 'ls', 'window_ms', 'nb',
+               't' .. slot, 'c' .. slot, 'f' .. slot, 's' .. slot, 'a' .. slot}
+local whole = failed_n > 0 or slow_n > 0
+if whole then
+  for s = 0, nb - 1 do
+    names[#names + 1] = 't' .. s
+    names[#names + 1] = 'c' .. s
+    names[#names + 1] = 'f' .. s
+    names[#names + 1] = 's' .. s
+  end
+end
+local rec = redis.call('HMGET', key, unpack(names))
 local state = rec[1] or 'closed'
 local consec = tonumber(rec[2]) or 0
 local open_count = tonumber(rec[3]) or 0
 local switch = rec[4] or 'normal'
+local renew = false -- renew the TTL?
+
+-- every change of the record and its slot goes out in one HSET
+local fields = {}
+local function put(name, value)
+  fields[#fields + 1] = name
+  fields[#fields + 1] = value
+end
 if rec[1] == false then
-  redis.call('HSET', key, 'name', ARGV[18], 'state', 'closed', 'changed_at', now)
+  put('name', ARGV[18])
+  put('state', 'closed')
+  put('changed_at', now)
+  renew = true
 end
 if probe then redis.call('HDEL', key, 'p:' .. owner) end
 
@@ -44,92 +74,111 @@ local function open_breaker()
   state = 'open'
 end
 
-local calls = n_ok + n_fail + n_slow + n_slowfail
-local transitioned = 0
-if calls > 0 or n_first > 0 then
-  -- the slot's counts as read, or zeros when it still holds an older interval; every
-  -- change then goes out in one HSET
-  local failed_n, slow_n = n_fail + n_slowfail, n_slow + n_slowfail
-  local c0, f0, s0, a0 = 0, 0, 0, 0
-  local fields = {}
-  if tonumber(rec[7] or '-1') == idx then
-    c0, f0, s0, a0 = tonumber(rec[8]) or 0, tonumber(rec[9]) or 0, tonumber(rec[10]) or 0, tonumber(rec[11]) or 0
-  else
-    fields = {'t' .. slot, idx, 'r' .. slot, 0}
+-- the window's calls, failures and slow calls; the current slot as this record left it
+local slot_c, slot_f, slot_s = 0, 0, 0
+local function window_sums(values, base)
+  local w_calls, w_fails, w_slows = 0, 0, 0
+  for s = 0, nb - 1 do
+    if s == slot then
+      w_calls, w_fails, w_slows = w_calls + slot_c, w_fails + slot_f, w_slows + slot_s
+    else
+      local at = base + s * 4
+      local t = tonumber(values[at] or '-1') or -1
+      if t > idx - nb then
+        w_calls = w_calls + (tonumber(values[at + 1]) or 0)
+        w_fails = w_fails + (tonumber(values[at + 2]) or 0)
+        w_slows = w_slows + (tonumber(values[at + 3]) or 0)
+      end
+    end
   end
-  local n = #fields
-  fields[n + 1], fields[n + 2] = 'c' .. slot, c0 + calls
-  fields[n + 3], fields[n + 4] = 'f' .. slot, f0 + failed_n
-  fields[n + 5], fields[n + 6] = 's' .. slot, s0 + slow_n
-  fields[n + 7], fields[n + 8] = 'a' .. slot, a0 + n_first
-  local last_fail, last_slow = tonumber(rec[5]) or -1, tonumber(rec[6]) or -1
+  return w_calls, w_fails, w_slows
+end
+
+local transitioned = 0
+local last_fail, last_slow = tonumber(rec[5]) or -1, tonumber(rec[6]) or -1
+if calls > 0 or n_first > 0 then
+  -- the slot's counts as read, or zeros when it still holds an older interval (then all
+  -- of it is written); otherwise only the counts that change
+  local c0, f0, s0, a0 = 0, 0, 0, 0
+  local fresh = tonumber(rec[9] or '-1') ~= idx
+  if fresh then
+    put('t' .. slot, idx)
+    put('r' .. slot, 0)
+    renew = true
+  else
+    c0, f0, s0, a0 = tonumber(rec[10]) or 0, tonumber(rec[11]) or 0, tonumber(rec[12]) or 0, tonumber(rec[13]) or 0
+  end
+  slot_c, slot_f, slot_s = c0 + calls, f0 + failed_n, s0 + slow_n
+  if fresh or calls > 0 then put('c' .. slot, slot_c) end
+  if fresh or failed_n > 0 then put('f' .. slot, slot_f) end
+  if fresh or slow_n > 0 then put('s' .. slot, slot_s) end
+  if fresh or n_first > 0 then put('a' .. slot, a0 + n_first) end
   if calls > 0 then
+    local was = consec
     if n_ok + n_slow > 0 then consec = failed_n else consec = consec + failed_n end
+    if rec[2] == false or consec ~= was then put('consec', consec) end
+    -- window_ms/nb: what an operator's status reads the window with
+    if tonumber(rec[7]) ~= window then put('window_ms', window) end
+    if tonumber(rec[8]) ~= nb then put('nb', nb) end
     -- lf/ls: the latest interval that counted a failure/slow call. A success while neither
     -- is inside the window cannot trip the breaker (no failures means a rate of 0, below
     -- any failure_rate > 0), so it skips reading the whole window.
-    fields[#fields + 1], fields[#fields + 2] = 'consec', consec
-    fields[#fields + 1], fields[#fields + 2] = 'window_ms', window
-    fields[#fields + 1], fields[#fields + 2] = 'nb', nb
-    if failed_n > 0 then
-      last_fail = math.max(last_fail, idx)
-      fields[#fields + 1], fields[#fields + 2] = 'lf', last_fail
+    if failed_n > 0 and idx > last_fail then
+      last_fail = idx
+      put('lf', last_fail)
     end
-    if slow_n > 0 then
-      last_slow = math.max(last_slow, idx)
-      fields[#fields + 1], fields[#fields + 2] = 'ls', last_slow
-    end
-  end
-  redis.call('HSET', key, unpack(fields))
-  if calls > 0 then
-    local may_trip = failed_n > 0 or slow_n > 0 or last_fail > idx - nb
-      or (slow_rate > 0 and last_slow > idx - nb)
-
-    if switch == 'breaker_disabled' or switch == 'forced_open' or switch == 'forced_closed' then
-      -- an operator holds the state: count, but make no transition
-    elseif state == 'half_open' and probe then
-      if failed_n > 0 or slow_n > 0 then
-        open_breaker()
-        transitioned = 1
-      elseif redis.call('HINCRBY', key, 'ho_ok', 1) >= probes then
-        for s = 0, nb - 1 do
-          redis.call('HDEL', key, 't' .. s, 'c' .. s, 'f' .. s, 's' .. s)
-        end
-        redis.call('HSET', key, 'state', 'closed', 'changed_at', now, 'open_count', 0, 'ho_ok', 0)
-        redis.call('HINCRBY', key, 'transitions', 1)
-        state = 'closed'
-        transitioned = 1
-      end
-    elseif state == 'closed' and may_trip then
-      -- one HMGET for the whole window instead of four HGETs per bucket
-      local names = {}
-      for s = 0, nb - 1 do
-        names[#names + 1] = 't' .. s
-        names[#names + 1] = 'c' .. s
-        names[#names + 1] = 'f' .. s
-        names[#names + 1] = 's' .. s
-      end
-      local values = redis.call('HMGET', key, unpack(names))
-      local w_calls, w_fails, w_slows = 0, 0, 0
-      for s = 0, nb - 1 do
-        local base = s * 4
-        local t = tonumber(values[base + 1] or '-1') or -1
-        if t > idx - nb then
-          w_calls = w_calls + (tonumber(values[base + 2]) or 0)
-          w_fails = w_fails + (tonumber(values[base + 3]) or 0)
-          w_slows = w_slows + (tonumber(values[base + 4]) or 0)
-        end
-      end
-      local trip = (w_calls >= min_calls and w_fails / w_calls >= rate)
-      if max_consec > 0 and consec >= max_consec then trip = true end
-      if slow_rate > 0 and w_calls >= min_calls and w_slows / w_calls >= slow_rate then trip = true end
-      if trip then
-        open_breaker()
-        redis.call('HINCRBY', key, 'trips', 1)
-        transitioned = 1
-      end
+    if slow_n > 0 and idx > last_slow then
+      last_slow = idx
+      put('ls', last_slow)
     end
   end
 end
-redis.call('PEXPIRE', key, tonumber(ARGV[19]))
-return {state, transitioned, consec}
+if #fields > 0 then
+  redis.call('HSET', key, unpack(fields))
+end
+if calls > 0 then
+  local may_trip = whole or last_fail > idx - nb or (slow_rate > 0 and last_slow > idx - nb)
+
+  if switch == 'breaker_disabled' or switch == 'forced_open' or switch == 'forced_closed' then
+    -- an operator holds the state: count, but make no transition
+  elseif state == 'half_open' and probe then
+    if whole then
+      open_breaker()
+      transitioned = 1
+    elseif redis.call('HINCRBY', key, 'ho_ok', 1) >= probes then
+      for s = 0, nb - 1 do
+        redis.call('HDEL', key, 't' .. s, 'c' .. s, 'f' .. s, 's' .. s)
+      end
+      redis.call('HSET', key, 'state', 'closed', 'changed_at', now, 'open_count', 0, 'ho_ok', 0)
+      redis.call('HINCRBY', key, 'transitions', 1)
+      state = 'closed'
+      transitioned = 1
+    end
+  elseif state == 'closed' and may_trip then
+    local w_calls, w_fails, w_slows
+    if whole then -- read with the record
+      w_calls, w_fails, w_slows = window_sums(rec, WIN)
+    else -- a success with a failure (slow call) still in the window: one HMGET of it
+      local window_names = {}
+      for s = 0, nb - 1 do
+        window_names[#window_names + 1] = 't' .. s
+        window_names[#window_names + 1] = 'c' .. s
+        window_names[#window_names + 1] = 'f' .. s
+        window_names[#window_names + 1] = 's' .. s
+      end
+      w_calls, w_fails, w_slows = window_sums(redis.call('HMGET', key, unpack(window_names)), 1)
+    end
+    local trip = (w_calls >= min_calls and w_fails / w_calls >= rate)
+    if max_consec > 0 and consec >= max_consec then trip = true end
+    if slow_rate > 0 and w_calls >= min_calls and w_slows / w_calls >= slow_rate then trip = true end
+    if trip then
+      open_breaker()
+      redis.call('HINCRBY', key, 'trips', 1)
+      transitioned = 1
+    end
+  end
+end
+if renew or transitioned == 1 then
+  redis.call('PEXPIRE', key, tonumber(ARGV[19]))
+end
+return {state, transitioned, consec, switch}
