@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from celery import signals
 
-from .guards.base import Execution, Outcome
+from .guards.base import DEFERRALS_HEADER, Execution, Outcome
 
 __all__ = [
     "ATTRIBUTES",
@@ -219,9 +219,23 @@ def task_events_enabled(task: Any) -> bool:
     return bool(getattr(worker, "task_events", False))  # a prefork child: what -E said
 
 
+#: Sent when a message that was retried or deferred before finally runs: Flower merges
+#: every event of a task into one record, so this one overwrites the fields an earlier
+#: attempt left (an open breaker, a retry delay) with this attempt's own.
+SETTLED_EVENT = "task-settled"
+
+
+def _settles(ex: Execution, outcomes: list[str]) -> bool:
+    """An attempt that ends a task whose earlier attempts sent events."""
+    earlier = ex.attempt > 0 or DEFERRALS_HEADER in ex.headers
+    return earlier and "executed" in outcomes and EVENTS.keys().isdisjoint(outcomes)
+
+
 def _events(ex: Execution, outcomes: list[str], attrs: dict[str, Any]) -> None:
     task = ex.task
     kinds = [(outcome, EVENTS[outcome]) for outcome in outcomes if outcome in EVENTS]
+    if _settles(ex, outcomes):
+        kinds.append(("executed", SETTLED_EVENT))
     if not kinds or not task_events_enabled(task):
         return
     fields: dict[str, Any] = {event_field(k): v for k, v in attrs.items()}
@@ -251,7 +265,7 @@ def report(ex: Execution, error: BaseException | None, sinks: Sequence[MetricsSi
     try:
         outcomes = classify(ex, error)
         span = _recording_span()
-        evented = not EVENTS.keys().isdisjoint(outcomes)
+        evented = not EVENTS.keys().isdisjoint(outcomes) or _settles(ex, outcomes)
         # Attributes only for a span that records or an event to send: most calls have
         # neither, and building them is most of this function's cost.
         attrs = attributes(ex) if span is not None or evented else {}
