@@ -18,12 +18,13 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .errors import CircuitOpen, StoreUnavailable
 from .guards.base import (
     DEADLINE_HEADER,
     Decision,
+    Env,
     Execution,
     Guard,
     Kind,
@@ -39,11 +40,16 @@ from .memo import PerObject
 from .policy import TaskPolicy
 from .settings import DEFAULT_LEASE, task_lease
 from .store.protocol import Op
-from .telemetry import report
+from .telemetry import MetricsSink, report
 
-if TYPE_CHECKING:
-    from .runtime import Runtime
-    from .task import ResilientTask
+
+class Host(Env, Protocol):
+    """The runtime as the pipeline sees it: the guards' ``Env``, the effective policy
+    of a task, and where telemetry goes (``runtime.Runtime`` is one)."""
+
+    sinks: list[MetricsSink]
+
+    def policy_for(self, task: Any) -> TaskPolicy: ...
 
 __all__ = ["END_RETRY_PAUSES", "chain_for", "execute"]
 
@@ -71,9 +77,7 @@ def _chain(policy: TaskPolicy) -> tuple[type[Guard], ...]:
 chain_for: PerObject[tuple[type[Guard], ...]] = PerObject(_chain)
 
 
-def execute(
-    task: ResilientTask, runtime: Runtime, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
+def execute(task: Any, runtime: Host, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run ``task``'s body under its policy's guards; what Celery's ``__call__`` returns."""
     policy = runtime.policy_for(task)
     ex = Execution(task, policy, runtime, args, kwargs, request, _deadline(request, policy, runtime.clock()))

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from .policy import TaskPolicy
-    from .task import ResilientTask
 
 __all__ = ["Runtime", "install", "runtime_for"]
 
@@ -153,7 +152,7 @@ class Runtime:
                 except Exception as exc:  # a metric is worth less than the task counting it
                     log.warning("could not export the %s event to %s: %s", event, type(sink).__name__, exc)
 
-    def breaker_policy(self, name: str, task: ResilientTask, task_policy: TaskPolicy) -> BreakerPolicy:
+    def breaker_policy(self, name: str, task: Any, task_policy: TaskPolicy) -> BreakerPolicy:
         """The breaker policy for ``name`` in ``task`` (whose effective policy is
         ``task_policy``).
 
@@ -254,8 +253,9 @@ class Runtime:
         timeout = getattr(self.store, "socket_timeout", None)
         return float(timeout) if timeout else 5.0
 
-    def policy_for(self, task: ResilientTask) -> TaskPolicy:
-        """The effective policy of ``task``: file layers around the code's policy."""
+    def policy_for(self, task: Any) -> TaskPolicy:
+        """The effective policy of ``task`` (a ``ResilientTask``): file layers around the
+        code's policy."""
         self._maybe_reload()
         resolved = self._resolved.get(task.name)
         if resolved is None or resolved[0] is not task.policy:

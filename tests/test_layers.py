@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("policy", "backoff", "keys", "fallback"),
     ("config",),
     ("store",),
-    ("settings", "guards.base"),
+    ("settings", "guards.base", "guards.tally"),
     ("guards", "telemetry"),
     ("pipeline", "heartbeat", "prometheus"),
     ("runtime",),

@@ -27,16 +27,13 @@ import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from ..errors import ClaimLost
 from ..keys import bind_arguments, digest, key_material
-from ..store.protocol import Op
-
-if TYPE_CHECKING:
-    from ..policy import KeySpec, TaskPolicy
-    from ..runtime import Runtime
-    from ..task import ResilientTask
+from ..policy import BreakerPolicy, KeySpec, TaskPolicy
+from ..store.protocol import Admission, Op, Store
+from .tally import Tally
 
 __all__ = [
     "DEADLINE_HEADER",
@@ -47,9 +44,11 @@ __all__ = [
     "ClaimHandle",
     "Decision",
     "EndOp",
+    "Env",
     "Execution",
     "Guard",
     "Kind",
+    "Leases",
     "Outcome",
     "Stage",
     "current_deadline",
@@ -160,6 +159,49 @@ class Outcome:
         return self.fallback_source in ("cache", "function", "default")
 
 
+class Leases(Protocol):
+    """Lease renewal and late delivery for claims (``heartbeat.Heartbeat`` is one)."""
+
+    def track(self, claim: ClaimHandle, lease_ms: int, ttl_ms: int) -> None: ...
+
+    def untrack(self, claim: ClaimHandle) -> None: ...
+
+    def hand_over(self, ops: list[Op], within_s: float) -> None: ...
+
+
+class Env(Protocol):
+    """What the guards need of their app's runtime (``runtime.Runtime`` is one): named
+    here so the guards depend on this shape, not on the runtime's module."""
+
+    clock: Callable[[], float]
+    max_result_bytes: int
+    hmac_key: bytes | None
+
+    @property
+    def store(self) -> Store: ...
+
+    @property
+    def local(self) -> Store:
+        """This process's stand-in while the store is unreachable."""
+
+    @property
+    def heartbeat(self) -> Leases: ...
+
+    def now_ms(self) -> int: ...
+
+    def count(self, event: str, downstream: str = "") -> None: ...
+
+    def breaker_policy(self, name: str, task: Any, task_policy: TaskPolicy) -> BreakerPolicy: ...
+
+    def refusal_hint(self, downstream: str | None) -> int | None: ...
+
+    def note_admission(self, downstream: str, admission: Admission) -> None: ...
+
+    def tally(self, downstream: str) -> Tally: ...
+
+    def store_timeout(self) -> float: ...
+
+
 #: One write of the ``end`` round trip and the reader of its answer (or None).
 EndOp = tuple[Op, Callable[[Any], None] | None]
 
@@ -189,9 +231,9 @@ class Execution:
 
     def __init__(
         self,
-        task: ResilientTask,
+        task: Any,
         policy: TaskPolicy,
-        runtime: Runtime,
+        runtime: Env,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         request: Any,
