@@ -168,6 +168,7 @@ def test_flower_shows_retries_dedup_hits_and_fallbacks(
         expected = {
             ("telemetry.flaky", "task-retry-scheduled"): 2.0,
             ("telemetry.flaky", "task-retried"): 2.0,
+            ("telemetry.flaky", "task-settled"): 1.0,
             ("telemetry.charge", "task-deduplicated"): 1.0,
             ("telemetry.price", "task-fallback-served"): 1.0,
             ("telemetry.price", "task-succeeded"): 2.0,
@@ -208,10 +209,12 @@ def test_flower_shows_retries_dedup_hits_and_fallbacks(
         assert list(degraded) == [served.id], "the envelope makes fallbacks searchable"
 
         # With show_in_flower(): the event fields are task fields in the API.
-        info = settled(configured, retried.id, resilience_outcomes=["retried"])
-        assert info["resilience_retry_attempt"] == 1, "the last event: the second attempt's retry"
+        # The attempt that finally ran sends task-settled: its own fields replace what the
+        # retries left (Flower merges every event of a task into one record).
+        info = settled(configured, retried.id, resilience_outcomes=["executed"])
+        assert info["resilience_retry_attempt"] == 2, "the third attempt, the one that ran"
         assert info["resilience_retry_is_retry"] is True
-        assert info["resilience_retry_delay_s"] >= 0
+        assert info["resilience_retry_delay_s"] is None, "no delay left over from a retry"
         assert set(FLOWER_FIELDS) <= set(info)
 
         replay_info = settled(configured, replay.id, resilience_outcomes=["deduplicated"])

@@ -396,19 +396,19 @@ def put(store: Store, record: str, value: str, kind: str, now: int, ttl: int = 3
 @EVERYWHERE
 def test_a_good_value_is_served_only_with_serve_and_while_trusted(store: Store) -> None:
     put(store, "c1", '{"v": 1}', "ok", T0)
-    assert get(store, "c1", T0 + 5, serve=False) == CacheEntry()
-    assert get(store, "c1", T0 + 5) == CacheEntry("ok", '{"v": 1}', 5, 100_000)
-    assert get(store, "c1", T0 + 30_000, failures=1) == CacheEntry("ok", '{"v": 1}', 30_000, 50_000)
+    assert get(store, "c1", T0 + 5, serve=False) == CacheEntry(good_age_ms=5), "a peek: only its age"
+    assert get(store, "c1", T0 + 5) == CacheEntry("ok", '{"v": 1}', 5, 100_000, good_age_ms=5)
+    assert get(store, "c1", T0 + 30_000, failures=1) == CacheEntry("ok", '{"v": 1}', 30_000, 50_000, None, 30_000)
     assert get(store, "c1", T0 + 30_000, failures=3) == CacheEntry(), "12.5 s trusted: too old, dropped"
     assert get(store, "c1", T0 + 31_000, failures=0) == CacheEntry(), "dropped for good"
 
 
 def test_decay_stops_at_the_floor_and_max_stale_bounds_age(store: Store) -> None:
     put(store, "c2", "1", "ok", T0)
-    assert get(store, "c2", T0 + 9_000, failures=30) == CacheEntry("ok", "1", 9_000, 10_000), "the floor"
+    assert get(store, "c2", T0 + 9_000, failures=30) == CacheEntry("ok", "1", 9_000, 10_000, None, 9_000), "the floor"
     assert get(store, "c2", T0 + 9_500, max_stale=9_000) == CacheEntry()
     put(store, "c3", "2", "ok", T0)
-    assert get(store, "c3", T0 + 1, max_stale=5_000) == CacheEntry("ok", "2", 1, 5_000)
+    assert get(store, "c3", T0 + 1, max_stale=5_000) == CacheEntry("ok", "2", 1, 5_000, None, 1)
 
 
 def test_negative_answers_and_recent_failures_are_always_told(store: Store) -> None:
@@ -417,13 +417,14 @@ def test_negative_answers_and_recent_failures_are_always_told(store: Store) -> N
     assert get(store, "c4", T0 + 1) == CacheEntry("negative", '"not found"')
     put(store, "c5", "good", "ok", T0)
     put(store, "c5", "boom", "failure", T0 + 10, ttl=1_000)
-    assert get(store, "c5", T0 + 20, serve=False) == CacheEntry("failure", "boom")
-    assert get(store, "c5", T0 + 20) == CacheEntry("ok", "good", 20, 100_000, "boom"), "beside, not instead"
-    assert get(store, "c5", T0 + 1_011, serve=False) == CacheEntry(), "the failure is old news"
-    assert get(store, "c5", T0 + 1_011) == CacheEntry("ok", "good", 1_011, 100_000)
+    assert get(store, "c5", T0 + 20, serve=False) == CacheEntry("failure", "boom", good_age_ms=20)
+    assert get(store, "c5", T0 + 20) == CacheEntry("ok", "good", 20, 100_000, "boom", 20), "beside, not instead"
+    assert get(store, "c5", T0 + 1_011, serve=False) == CacheEntry(good_age_ms=1_011), "the failure is old news"
+    assert get(store, "c5", T0 + 1_011) == CacheEntry("ok", "good", 1_011, 100_000, None, 1_011)
     put(store, "c5", "boom", "failure", T0 + 2_000, ttl=1_000)
     put(store, "c5", "better", "ok", T0 + 2_001)
-    assert get(store, "c5", T0 + 2_002) == CacheEntry("ok", "better", 1, 100_000), "a success clears it"
+    assert get(store, "c5", T0 + 2_002) == CacheEntry("ok", "better", 1, 100_000, None, 1), "a success clears it"
+    assert get(store, "c5", T0 + 2_002, serve=False) == CacheEntry(good_age_ms=1), "and the failure with it"
 
 
 def test_a_failure_outlives_a_value_too_old_to_serve(store: Store) -> None:
@@ -433,6 +434,33 @@ def test_a_failure_outlives_a_value_too_old_to_serve(store: Store) -> None:
     assert get(store, "c6", T0 + 50_002) == CacheEntry("failure", "boom"), "the value is gone"
     put(store, "c7", "boom", "failure", T0, ttl=10_000)
     assert get(store, "c7", T0 + 1) == CacheEntry("failure", "boom"), "a failure with no value beside"
+
+
+@EVERYWHERE
+def test_every_read_tells_the_age_of_the_good_value_held(store: Store) -> None:
+    """``good_age_ms``: a caller skips rewriting an entry that is still fresh. -1 when no
+    good value is held: none written, a negative answer instead, or one dropped as too
+    old by this very read."""
+    assert get(store, "g1", T0, serve=False).good_age_ms == -1, "nothing stored"
+    assert get(store, "g1", T0).good_age_ms == -1
+    put(store, "g1", "v", "ok", T0)
+    assert get(store, "g1", T0 + 250, serve=False) == CacheEntry(good_age_ms=250), "a peek"
+    assert get(store, "g1", T0 + 300).good_age_ms == 300, "a serve"
+    put(store, "g1", "boom", "failure", T0 + 400, ttl=1_000)
+    assert get(store, "g1", T0 + 500, serve=False) == CacheEntry("failure", "boom", good_age_ms=500)
+    put(store, "g1", "w", "ok", T0 + 600)
+    assert get(store, "g1", T0 + 700, serve=False) == CacheEntry(good_age_ms=100), "rewritten: younger"
+    put(store, "g1", '"gone"', "negative", T0 + 800)
+    assert get(store, "g1", T0 + 900, serve=False) == CacheEntry("negative", '"gone"'), "a negative: -1"
+    put(store, "g2", "old", "ok", T0)
+    put(store, "g2", "boom", "failure", T0 + 50_000, ttl=10_000)
+    assert get(store, "g2", T0 + 50_001, serve=False).good_age_ms == 50_001, "a peek drops nothing"
+    assert get(store, "g2", T0 + 50_002, floor=1_000, ttl=20_000) == CacheEntry("failure", "boom"), "dropped"
+    assert get(store, "g2", T0 + 50_003, serve=False) == CacheEntry("failure", "boom")
+    put(store, "g3", "old", "ok", T0)
+    assert get(store, "g3", T0 + 200_000) == CacheEntry(), "too old to serve: dropped, -1"
+    put(store, "g4", "skewed", "ok", T0 + 10)
+    assert get(store, "g4", T0, serve=False).good_age_ms == 0, "a clock behind the writer's: never below 0"
 
 
 # -- the batch and operators' reads ------------------------------------------------------------

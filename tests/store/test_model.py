@@ -1,4 +1,5 @@
-"""``MemoryStore`` and the Lua scripts make the same breaker decisions (Hypothesis).
+"""``MemoryStore`` and the Lua scripts make the same breaker decisions and keep the same
+fallback entries (Hypothesis).
 
 Same operations at the same clock times must give the same admissions, states,
 transitions and budget answers: the memory store is what a worker falls back to when
@@ -7,7 +8,9 @@ Redis is down, and the contract suite only samples the space this test walks.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -15,7 +18,7 @@ from hypothesis import strategies as st
 
 from resilient_tasks.policy import BreakerPolicy, RetryBudget
 from resilient_tasks.store.memory import MemoryStore
-from resilient_tasks.store.protocol import Admit, Record, SpendRetry, Switch
+from resilient_tasks.store.protocol import Admit, CacheGet, CachePut, Record, SpendRetry, Switch
 from resilient_tasks.store.redis import RedisStore
 from resilient_tasks.testing import RedisServer
 
@@ -126,3 +129,50 @@ def test_a_success_trips_the_breaker_once_older_successes_leave_the_window(
         seen.append((ours.state, ours.transitioned))
     assert seen[:4] == [("closed", False)] * 4  # 1 of 4 calls bad: under the rate
     assert seen[4] == ("open", True)  # 1 of the 2 calls left in the window: at the rate
+
+
+# -- the fallback cache ------------------------------------------------------------------------
+
+# times and bounds in whole seconds (ttl a multiple of 8 s: decayed up to 3 times, still whole),
+# so an entry served has a second of life left at least: no TTL runs out on the real clock
+cache_steps = st.lists(
+    st.one_of(
+        st.tuples(
+            st.just("put"),
+            st.sampled_from(["ok", "ok", "negative", "failure"]),
+            st.sampled_from([8_000, 64_000]),  # ttl
+        ),
+        st.tuples(
+            st.just("get"),
+            st.booleans(),  # serve
+            st.tuples(
+                st.integers(0, 3),  # failures
+                st.sampled_from([8_000, 64_000]),  # ttl
+                st.sampled_from([1_000, 8_000]),  # floor
+                st.sampled_from([0, 4_000, 16_000]),  # max_stale
+            ),
+        ),
+        st.tuples(st.just("wait"), st.sampled_from([0, 1_000, 5_000, 20_000]), st.just(0)),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(sequence=cache_steps)
+def test_memory_and_redis_keep_the_same_fallback_entries(
+    redis_store: RedisStore, sequence: list[tuple[Any, ...]]
+) -> None:
+    record = f"entry-{uuid.uuid4().hex}"
+    memory = MemoryStore()
+    now = T0
+    for n, (kind, a, b) in enumerate(sequence):
+        if kind == "wait":
+            now += a
+            continue
+        if kind == "put":
+            op: CachePut | CacheGet = CachePut(record, f"v{n}", a, b, now)
+        else:
+            failures, ttl, floor, max_stale = b
+            op = CacheGet(record, a, failures, ttl, 0.5, floor, max_stale, now)
+        assert redis_store.batch([op]) == memory.batch([op]), (op, sequence)

@@ -17,8 +17,8 @@ if rec[1] == 'negative' then
   return {'negative', rec[2]}
 end
 local good = rec[1] == 'ok'
-local fail_until = tonumber(rec[4]) -- ('' after a value was written: no failure)
-if not (good or fail_until) then
+local fail_until = tonumber(rec[4]) -- (0 beside a value written since: no failure)
+if not (good or (fail_until and fail_until > 0)) then
   return {} -- nothing to tell: no clock read
 end
 local now = clock_ms(ARGV[1])

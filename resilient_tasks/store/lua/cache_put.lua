@@ -14,8 +14,8 @@ if ARGV[4] == 'failure' then
   end
   return 1
 end
--- A value replaces the whole entry: every field is written (an empty fail_until is no
--- failure), so no DEL is needed first.
-redis.call('HSET', key, 'value', ARGV[1], 'written_at', now, 'kind', ARGV[4], 'fail_value', '', 'fail_until', '')
+-- A value replaces the whole entry: every field is written (fail_until 0: no failure, in
+-- the words every version of cache_get reads), so no DEL is needed first.
+redis.call('HSET', key, 'value', ARGV[1], 'written_at', now, 'kind', ARGV[4], 'fail_value', '', 'fail_until', 0)
 redis.call('PEXPIRE', key, ttl)
 return 1

@@ -26,20 +26,31 @@ local idx, slot = bucket_of(now, window, nb)
 local calls = n_ok + n_fail + n_slow + n_slowfail
 local failed_n, slow_n = n_fail + n_slowfail, n_slow + n_slowfail
 
+-- The window's other slots, as HMGET names: t/c/f (and s when slow calls count) of each
+-- slot but this interval's, which the record reads anyway and the sums take as written.
+local STRIDE = 3
+if slow_rate > 0 then STRIDE = 4 end
+local function window_names(names)
+  for s = 0, nb - 1 do
+    if s ~= slot then
+      names[#names + 1] = 't' .. s
+      names[#names + 1] = 'c' .. s
+      names[#names + 1] = 'f' .. s
+      if STRIDE == 4 then names[#names + 1] = 's' .. s end
+    end
+  end
+  return names
+end
+
 -- the record's fields, this interval's slot, and (a failure or slow call among the
--- calls: a closed breaker checks its rates) the whole window, in one HMGET
-local WIN = 14 -- where the window's t/c/f/s quadruples start in the answer
+-- calls, not a probe's: a closed breaker checks its rates) the rest of the window, in
+-- one HMGET
+local WIN = 14 -- where the window's other slots start in the answer
+local bad = failed_n > 0 or slow_n > 0
+local whole = bad and not probe
 local names = {'state', 'consec', 'open_count', 'switch', 'lf', 'ls', 'window_ms', 'nb',
                't' .. slot, 'c' .. slot, 'f' .. slot, 's' .. slot, 'a' .. slot}
-local whole = failed_n > 0 or slow_n > 0
-if whole then
-  for s = 0, nb - 1 do
-    names[#names + 1] = 't' .. s
-    names[#names + 1] = 'c' .. s
-    names[#names + 1] = 'f' .. s
-    names[#names + 1] = 's' .. s
-  end
-end
+if whole then window_names(names) end
 local rec = redis.call('HMGET', key, unpack(names))
 local state = rec[1] or 'closed'
 local consec = tonumber(rec[2]) or 0
@@ -77,18 +88,17 @@ end
 -- the window's calls, failures and slow calls; the current slot as this record left it
 local slot_c, slot_f, slot_s = 0, 0, 0
 local function window_sums(values, base)
-  local w_calls, w_fails, w_slows = 0, 0, 0
+  local w_calls, w_fails, w_slows = slot_c, slot_f, slot_s
+  local at = base
   for s = 0, nb - 1 do
-    if s == slot then
-      w_calls, w_fails, w_slows = w_calls + slot_c, w_fails + slot_f, w_slows + slot_s
-    else
-      local at = base + s * 4
+    if s ~= slot then
       local t = tonumber(values[at] or '-1') or -1
       if t > idx - nb then
         w_calls = w_calls + (tonumber(values[at + 1]) or 0)
         w_fails = w_fails + (tonumber(values[at + 2]) or 0)
-        w_slows = w_slows + (tonumber(values[at + 3]) or 0)
+        if STRIDE == 4 then w_slows = w_slows + (tonumber(values[at + 3]) or 0) end
       end
+      at = at + STRIDE
     end
   end
   return w_calls, w_fails, w_slows
@@ -137,12 +147,12 @@ if #fields > 0 then
   redis.call('HSET', key, unpack(fields))
 end
 if calls > 0 then
-  local may_trip = whole or last_fail > idx - nb or (slow_rate > 0 and last_slow > idx - nb)
+  local may_trip = bad or last_fail > idx - nb or (slow_rate > 0 and last_slow > idx - nb)
 
   if switch == 'breaker_disabled' or switch == 'forced_open' or switch == 'forced_closed' then
     -- an operator holds the state: count, but make no transition
   elseif state == 'half_open' and probe then
-    if whole then
+    if bad then
       open_breaker()
       transitioned = 1
     elseif redis.call('HINCRBY', key, 'ho_ok', 1) >= probes then
@@ -159,14 +169,9 @@ if calls > 0 then
     if whole then -- read with the record
       w_calls, w_fails, w_slows = window_sums(rec, WIN)
     else -- a success with a failure (slow call) still in the window: one HMGET of it
-      local window_names = {}
-      for s = 0, nb - 1 do
-        window_names[#window_names + 1] = 't' .. s
-        window_names[#window_names + 1] = 'c' .. s
-        window_names[#window_names + 1] = 'f' .. s
-        window_names[#window_names + 1] = 's' .. s
-      end
-      w_calls, w_fails, w_slows = window_sums(redis.call('HMGET', key, unpack(window_names)), 1)
+      local others, values = window_names({}), {}
+      if #others > 0 then values = redis.call('HMGET', key, unpack(others)) end -- (one bucket: none)
+      w_calls, w_fails, w_slows = window_sums(values, 1)
     end
     local trip = (w_calls >= min_calls and w_fails / w_calls >= rate)
     if max_consec > 0 and consec >= max_consec then trip = true end
