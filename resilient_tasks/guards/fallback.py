@@ -5,7 +5,9 @@ while the downstream is believed to refuse calls, fetches the fallback itself, s
 refused call is answered from that one round trip). ``around`` serves the fallback when
 the body fails with a downstream error; ``serve`` is what the pipeline calls when a
 decision says ``FALLBACK``. The cache write rides in the ``end`` round trip and is
-skipped while the entry is fresh. Only JSON values under ``max_size`` are cached.
+skipped while the good value stored is younger than ``REFRESH`` of its ``ttl`` (one
+write per key per tenth of the ttl, however hot the key). Only JSON values under
+``max_size`` are cached.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ __all__ = ["FallbackGuard"]
 
 log = logging.getLogger(__name__)
 
+#: A good value younger than this share of the policy's ttl is not written again.
+REFRESH = 0.1
+
 
 class FallbackGuard(Guard):
     """Caches successes under the fallback key and serves them on failure."""
@@ -41,6 +46,8 @@ class FallbackGuard(Guard):
         self.prefetched: CacheEntry | None = None
         self.failure_text: str | None = None
         self.served = False
+        #: The age of the good value stored, as the begin trip saw it (-1: none).
+        self.good_age_ms = -1
 
     def _record(self, ex: Execution) -> str:
         if not self.record:
@@ -58,6 +65,7 @@ class FallbackGuard(Guard):
         if answers is None:
             return RUN
         (entry,) = answers
+        self.good_age_ms = entry.good_age_ms
         if self.prefetching:
             # a served-fallback answer fetched in advance: kept for a refusal (the
             # downstream is being tried, so a cached negative answer is not looked at)
@@ -171,6 +179,9 @@ class FallbackGuard(Guard):
         value = outcome.value
         if isinstance(value, NotFound):
             ops += self._write(ex, value.value, "negative", policy.negative_ttl)
+            return ops
+        if 0 <= self.good_age_ms < policy.ttl * 1000 * REFRESH and not outcome.consecutive_failures:
+            ex.outcome.fallback_cached = True  # fresh enough: kept as it is
             return ops
         failures = outcome.consecutive_failures
         ops += self._write(ex, value, "ok", entry_ttl(policy.ttl, policy.decay, policy.floor, failures))

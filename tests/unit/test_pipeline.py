@@ -157,3 +157,32 @@ def test_autoretry_for_on_a_resilient_task_is_refused() -> None:
         def flaky() -> None: ...
 
         flaky.bind(app)
+
+
+def test_a_fresh_fallback_value_is_not_written_again() -> None:
+    now = [1_700_000_000.0]
+    app = Celery("fresh", broker="memory://", set_as_current=False)
+    store = MemoryStore(lambda: now[0])
+    rt.install(app, store=store, clock=lambda: now[0])
+    puts: list[str] = []
+    batch = store.batch
+
+    def counting(ops: Any) -> Any:
+        puts.extend(op.record for op in ops if op.name == "cache_put")
+        return batch(ops)
+
+    store.batch = counting  # type: ignore[method-assign]
+
+    @app.task(base=rt.ResilientTask, shared=False, policy=rt.TaskPolicy(
+        fallback=rt.FallbackPolicy(key=("sku",), ttl=100),
+    ))
+    def price(sku: str) -> int:
+        return 3
+
+    for _ in range(5):
+        assert price.apply(args=("a",)).get() == 3
+        now[0] += 1.0  # a call a second: within a tenth of the ttl (10 s)
+    assert len(puts) == 1, "written once while fresh"
+    now[0] += 10.0
+    price.apply(args=("a",)).get()
+    assert len(puts) == 2, "written again once a tenth of the ttl has passed"
