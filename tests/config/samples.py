@@ -40,9 +40,9 @@ def write(tmp_path: Path, text: str | bytes, name: str = "policies.toml") -> str
         path.write_text(text)
     return str(path)
 
-#: Ten broken files, each with the one error ``check`` must name.
+#: Ten broken files, each with the one error ``load`` and ``check`` must name.
 BROKEN = {
-    "unknown_table.toml": ("[defualts]\ndeadline = 1\n", "unknown table"),
+    "unknown_table.toml": ("[defualts]\ndeadline = 1\n", "line 1, [defualts]: unknown table"),
     "syntax.toml": ("[defaults\n", "not valid TOML"),
     "unknown_key.toml": (
         '[downstreams."payments"]\nfailure_ratio = 0.5\n',
@@ -71,6 +71,6 @@ BROKEN = {
     ),
     "cross_field.toml": (
         "[defaults.breaker]\nopen_for = 60\nopen_for_max = 10\n",
-        "[defaults.breaker] open_for_max: must be >= open_for",
+        "line 3, [defaults.breaker] open_for_max: must be >= open_for",
     ),
 }

@@ -17,7 +17,7 @@ from resilient_tasks import switches
 from resilient_tasks.config import SWITCH_MODES, PolicyFileError, load, parse
 from resilient_tasks.policy import policy_fields
 
-from .samples import GOOD, write
+from .samples import BROKEN, GOOD, write
 
 
 def problems_of(data: str | bytes, path: str = "p.toml") -> list[Any]:
@@ -38,40 +38,6 @@ def test_a_good_file_keeps_only_the_keys_written_in_each_table(tmp_path: Path) -
     assert file.mtime == os.stat(file.path).st_mtime
 
 
-# Ported from tests/unit/test_policyfile.py: the same ten files, the same precise errors.
-BROKEN = {
-    "unknown_table.toml": ("[defualts]\ndeadline = 1\n", "line 1, [defualts]: unknown table"),
-    "syntax.toml": ("[defaults\n", "not valid TOML"),
-    "unknown_key.toml": (
-        '[downstreams."payments"]\nfailure_ratio = 0.5\n',
-        'line 2, [downstreams."payments"] failure_ratio: unknown key',
-    ),
-    "range.toml": (
-        '[downstreams."payments"]\n\nfailure_rate = 2\n',
-        'line 3, [downstreams."payments"] failure_rate: must be in (0, 1], got 2',
-    ),
-    "type.toml": (
-        '[defaults.retry]\nmax_retries = "five"\n',
-        "line 2, [defaults.retry] max_retries: must be an integer, got str",
-    ),
-    "exception.toml": (
-        '[tasks."a"]\n[tasks."a".retry]\nretry_on = ["NoSuchError"]\n',
-        "line 3, [tasks.\"a\".retry] retry_on: 'NoSuchError' is not an importable exception type",
-    ),
-    "switch.toml": ('[switches]\npayments = "off"\n', "line 2, [switches] payments: must be one of normal"),
-    "task_key.toml": (
-        '[tasks."a"]\nretries = 3\n',
-        'line 2, [tasks."a"] retries: unknown key; a task table has',
-    ),
-    "backoff.toml": (
-        '[defaults.retry]\nbackoff = "linear"\n',
-        "line 2, [defaults.retry] backoff: must be one of full_jitter",
-    ),
-    "cross_field.toml": (
-        "[defaults.breaker]\nopen_for = 60\nopen_for_max = 10\n",
-        "line 3, [defaults.breaker] open_for_max: must be >= open_for",
-    ),
-}
 
 
 def test_ten_broken_files_give_ten_distinct_precise_errors(tmp_path: Path) -> None:
