@@ -43,6 +43,7 @@ def child(variant: str, calls: int, port: int) -> None:
     rt.install(app, redis_url=f"redis://127.0.0.1:{port}/1")
     task = register(app, variant, shared=False)
     app.finalize()
+    task = app.tasks[task.name]  # the task itself, as a worker holds it (not the proxy)
     trace = build_tracer(task.name, task, app=app, eager=False, propagate=True)
     first = int.from_bytes(os.urandom(4), "big") * 100_000  # fresh keys every run
     for n in range(first, first + WARMUP + calls):

@@ -10,9 +10,15 @@ tenth left out. Variants rotate each round and the order is reversed after each 
 rotation, so each variant follows each other one; ratios are medians of per-round
 ratios against plain, printed with the spread of those ratios, and the CPU per task of
 the worker's main process, its pool processes, the store's redis-server and the broker's
-(from ``/proc`` and ``INFO cpu``).
+(from ``/proc`` and ``INFO cpu``), and the worker's CPU (main and pool together) against
+plain's, as a median of per-round ratios. Besides the shared variants: ``plain_acks_late``
+(plain Celery with the delivery settings ``ResilientTask`` sets), ``retry`` (retry only,
+no store round trip) and ``retry_early_ack`` (the same with Celery's default early ack).
+On a shared machine the CPU figures move by +-20 % between rounds: for differences of a few
+per cent, count instructions instead (``benchmarks.prefork_instructions``).
 
     python -m benchmarks.prefork --tasks 3000 --rounds 8 --concurrency 2
+    python -m benchmarks.prefork --tasks 3000 --rounds 16 --variants plain,plain_acks_late,retry
 """
 
 from __future__ import annotations
@@ -32,9 +38,9 @@ from celery import Celery
 from resilient_tasks.testing import RedisServer, SubprocessWorker
 
 from .overhead import orders
-from .policies import POLICIES
+from .policies import PREFORK_VARIANTS
 
-VARIANTS = tuple(POLICIES)
+VARIANTS = PREFORK_VARIANTS
 IDLE_QUEUE = "bench.idle"
 
 
@@ -138,9 +144,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=2, help="pool processes")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per measurement")
     parser.add_argument("--json", action="store_true", help="one JSON object per variant per line")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help=f"comma-separated, plain always included (default: {','.join(VARIANTS)})")
     args = parser.parse_args(argv)
-    rates: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    cpus: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    chosen = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(chosen) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants: {', '.join(unknown)}")
+    variants = tuple(v for v in VARIANTS if v == "plain" or v in chosen)
+    rates: dict[str, list[float]] = {v: [] for v in variants}
+    cpus: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     with RedisServer() as broker, RedisServer() as store:
         env = {
             "BENCH_BROKER": broker.url(0),
@@ -162,9 +175,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             assert worker.process is not None
             run.worker_pid = worker.process.pid
             run.wait_ready(time.monotonic() + 60)
-            for variant in VARIANTS:
+            for variant in variants:
                 run.measure(variant, args.warmup)
-            for order in orders(VARIANTS, args.rounds):
+            for order in orders(variants, args.rounds):
                 for variant in order:
                     rates[variant].append(run.measure(variant, args.tasks))
                     cpus[variant].append(run.cpu)
@@ -172,8 +185,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             worker.stop()
             publisher.close()
     rows = []
-    for variant in VARIANTS:
+    for variant in variants:
         ratios = [a / b for a, b in zip(rates[variant], rates["plain"], strict=True)]
+        # worker CPU (main process and pool processes together) per task, round by round
+        worker_us = [c["worker_main"] + c["pool_processes"] for c in cpus[variant]]
+        plain_us = [c["worker_main"] + c["pool_processes"] for c in cpus["plain"]]
+        cpu_ratios = [a / b if b else 0.0 for a, b in zip(worker_us, plain_us, strict=True)]
         rows.append({
             "variant": variant,
             "pool": "prefork",
@@ -185,6 +202,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ratio_min": round(min(ratios), 3),
             "ratio_max": round(max(ratios), 3),
             "ratios": [round(r, 3) for r in ratios],
+            "worker_cpu_us": round(statistics.median(worker_us), 1),
+            "worker_cpu_vs_plain": round(statistics.median(cpu_ratios), 3),
+            "worker_cpu_ratios": [round(r, 3) for r in cpu_ratios],
             **{f"cpu_us_{where}": round(statistics.median(c[where] for c in cpus[variant]), 1)
                for where in cpus[variant][0]},
         })
@@ -193,15 +213,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(row))
         return 0
     print(f"prefork, concurrency {args.concurrency}, {args.tasks} tasks x {args.rounds} rounds, one warm worker")
-    print("CPU us/task: worker main process, pool processes, store redis, broker redis")
-    print(f"{'variant':<12} {'tasks/s':>8} {'vs plain':>9} {'min':>6} {'max':>6} {'main':>6} {'pool':>6} "
-          f"{'store':>6} {'broker':>6}  per round")
+    print("CPU us/task: worker main process, pool processes, store redis, broker redis; cpu x: worker CPU")
+    print("(main + pool) per task vs plain's, median of per-round ratios; per round: throughput vs plain")
+    print(f"{'variant':<16} {'tasks/s':>8} {'vs plain':>9} {'min':>6} {'max':>6} {'main':>6} {'pool':>6} "
+          f"{'store':>6} {'broker':>6} {'cpu x':>6}  per round")
     for row in rows:
         print(
-            f"{row['variant']:<12} {row['tasks_per_s']:8.1f} {row['ratio_vs_plain']:9.3f} "
+            f"{row['variant']:<16} {row['tasks_per_s']:8.1f} {row['ratio_vs_plain']:9.3f} "
             f"{row['ratio_min']:6.2f} {row['ratio_max']:6.2f} {row['cpu_us_worker_main']:6.0f} "
             f"{row['cpu_us_pool_processes']:6.0f} {row['cpu_us_store_redis']:6.0f} "
-            f"{row['cpu_us_broker_redis']:6.0f}  " + " ".join(f"{r:.2f}" for r in row["ratios"])
+            f"{row['cpu_us_broker_redis']:6.0f} {row['worker_cpu_vs_plain']:6.3f}  "
+            + " ".join(f"{r:.2f}" for r in row["ratios"])
         )
     return 0
 

@@ -77,21 +77,35 @@ def _chain(policy: TaskPolicy) -> tuple[type[Guard], ...]:
 chain_for: PerObject[tuple[type[Guard], ...]] = PerObject(_chain)
 
 
+def _phases(policy: TaskPolicy) -> tuple[bool, bool]:
+    """Does any guard of the chain read in ``begin``, does any write in ``end``? (A chain
+    of neither, such as retry only, makes no round trip and need not gather ops.)"""
+    chain = chain_for(policy)
+    return (any(kind.begin is not Guard.begin for kind in chain),
+            any(kind.end is not Guard.end for kind in chain))
+
+
+phases_for: PerObject[tuple[bool, bool]] = PerObject(_phases)
+
+
 def execute(task: Any, runtime: Host, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     """Run ``task``'s body under its policy's guards; what Celery's ``__call__`` returns."""
     policy = runtime.policy_for(task)
     ex = Execution(task, policy, runtime, args, kwargs, request, _deadline(request, policy, runtime.clock()))
     guards = [kind(ex) for kind in chain_for(policy)]  # type: ignore[call-arg]
+    reads, writes = phases_for(policy)
     token = current_execution.set(ex)
     try:
         try:
-            result = _run(ex, guards)
+            result = _run(ex, guards, reads)
         except BaseException as exc:
-            _end(ex, guards, failed=True)
+            if writes:
+                _end(ex, guards, failed=True)
             report(ex, exc, runtime.sinks)
             raise
         try:
-            _end(ex, guards, failed=False)
+            if writes:
+                _end(ex, guards, failed=False)
         except BaseException as exc:
             report(ex, exc, runtime.sinks)
             raise
@@ -101,8 +115,8 @@ def execute(task: Any, runtime: Host, request: Any, args: tuple[Any, ...], kwarg
         current_execution.reset(token)
 
 
-def _run(ex: Execution, guards: list[Guard]) -> Any:
-    answers = _begin(ex, guards)
+def _run(ex: Execution, guards: list[Guard], reads: bool = True) -> Any:
+    answers = _begin(ex, guards) if reads else {}
     confirming: Guard | None = None
     for guard in guards:
         decision = guard.decide(ex, answers.get(id(guard), ()))
@@ -264,10 +278,10 @@ def _deadline(request: Any, policy: TaskPolicy, now: float) -> float | None:
 
 def _parse_expires(value: Any) -> float | None:
     """Celery's ``expires`` header (ISO text or datetime) as an epoch timestamp."""
-    from datetime import datetime
-
     if value is None:
         return None
+    from datetime import datetime
+
     if isinstance(value, datetime):
         return value.timestamp()
     try:

@@ -492,13 +492,15 @@ def install(
 
 def refuse_foreign_serializer(sender: Any = None, request: Any = None, **_: Any) -> None:
     """``task_received``: a ResilientTask message in another serializer than JSON (an
-    app may accept msgpack or yaml for its other tasks) is revoked, never run."""
+    app may accept msgpack or yaml for its other tasks) is revoked, never run. Runs in
+    the worker's main process for every message: nothing is looked up before it is
+    needed."""
+    if request is None or request.content_type in ("application/json", None):
+        return
+    if not getattr(request.task, "resilient", False):
+        return
     from celery.worker import state
 
-    if request is None or not getattr(request.task, "resilient", False):
-        return
-    if request.content_type in ("application/json", None):
-        return
     log.error(
         "task %s[%s] arrived as %s: a ResilientTask runs JSON messages only; revoked, not run",
         request.name,

@@ -102,11 +102,13 @@ FLOWER_FIELDS = (
 STATE_CODES = {"closed": 0, "half_open": 1, "open": 2, "forced_open": 3, "disabled": 4}
 
 try:  # OpenTelemetry is optional: the `otel` extra.
+    from opentelemetry import context as otel_context
     from opentelemetry import metrics as otel_metrics
     from opentelemetry import trace as otel_trace
 except ImportError:  # pragma: no cover - exercised where OTel is absent
     otel_trace = None  # type: ignore[assignment]
     otel_metrics = None  # type: ignore[assignment]
+    otel_context = None  # type: ignore[assignment]
 
 
 class MetricsSink(Protocol):
@@ -171,8 +173,8 @@ def attributes(ex: Execution) -> dict[str, Any]:
 
 def _recording_span() -> Any:
     """The current span when OpenTelemetry records one, else None."""
-    if otel_trace is None:
-        return None
+    if otel_trace is None or not otel_context.get_current():
+        return None  # an empty context holds no span: most calls, answered without the lookup
     span = otel_trace.get_current_span()
     return span if span.is_recording() else None
 
@@ -281,15 +283,16 @@ def report(ex: Execution, error: BaseException | None, sinks: Sequence[MetricsSi
             runtime.count(_COUNTER_NAMES.get(outcome) or f"outcome.{outcome}", downstream)
             for sink in sinks:
                 sink.outcome(outcome, name, downstream)
-        states: dict[str, str] = {}
-        if ex.policy.downstream and seen.breaker_state:
-            states[ex.policy.downstream] = _shown_state(seen)
-        for breaker, state in seen.transitions:
-            states[breaker] = str(state)  # the latest transition of each breaker wins
-        for breaker, state in states.items():
-            for sink in sinks:
-                sink.breaker_state(breaker, state)
-        if seen.degraded and seen.fallback_age_s is not None:
+        if seen.transitions or (ex.policy.downstream and seen.breaker_state):
+            states: dict[str, str] = {}
+            if ex.policy.downstream and seen.breaker_state:
+                states[ex.policy.downstream] = _shown_state(seen)
+            for breaker, state in seen.transitions:
+                states[breaker] = str(state)  # the latest transition of each breaker wins
+            for breaker, state in states.items():
+                for sink in sinks:
+                    sink.breaker_state(breaker, state)
+        if seen.fallback_age_s is not None and seen.degraded:
             for sink in sinks:
                 sink.fallback_age(name, downstream, float(seen.fallback_age_s))
         if evented:

@@ -30,6 +30,8 @@ class DeadlineGuard(Guard):
         return RUN
 
     def around(self, ex: Execution, proceed: Callable[[], Any]) -> Any:
+        if ex.deadline is None and current_deadline.get() is None:
+            return proceed()  # nothing to carry into child tasks
         token = current_deadline.set(ex.deadline)
         try:
             return proceed()

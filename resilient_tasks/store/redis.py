@@ -449,7 +449,9 @@ class RedisStore:
                 else:
                     answers.append(conn.read_response(timeout=left))
             except ResponseError as exc:
-                answers.append(exc)
+                # kept as an answer, without its traceback: the traceback holds this
+                # frame, whose list holds the error (a cycle only the collector frees)
+                answers.append(exc.with_traceback(None))
         return answers
 
     def _exchange(
