@@ -459,6 +459,27 @@ class SentinelServers:
             timeout=timeout,
             what="the revived replica in sync",
         )
+        revived = [s.port for s in (self.master, self.replica) if s.port != master[1]]
+
+        def known_by_every_sentinel() -> bool:
+            # a sentinel learns replicas from the master's INFO every few seconds; a
+            # SENTINEL FAILOVER before that may promote a replica it knows less well
+            for index in range(len(self.sentinel_ports)):
+                client = self.sentinel_client(index)
+                try:
+                    replicas = client.sentinel_slaves(self.service_name)
+                finally:
+                    client.close()
+                healthy = [
+                    r for r in replicas
+                    if int(r.get("port", 0)) in revived and r.get("master-link-status") == "ok"
+                    and not {"s_down", "o_down", "disconnected"} & set(str(r.get("flags", "")).split(","))
+                ]
+                if not healthy:
+                    return False
+            return True
+
+        wait_until(known_by_every_sentinel, timeout=timeout, interval=0.2, what="the sentinels to see it")
 
     def stop(self) -> None:
         for process in self.processes:
