@@ -16,6 +16,7 @@ from celery import Celery
 
 import resilient_tasks as rt
 from resilient_tasks.testing import RedisServer, SubprocessWorker, wait_until
+from tests.integration.cli_run import resilience, status_of
 
 APP = "tests.chaos.breaker_app"
 
@@ -54,20 +55,11 @@ def producer(env: dict[str, str]) -> Iterator[Celery]:
 
 
 def cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", APP, "resilience", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"exit {done.returncode}\n{done.stdout}\n{done.stderr}")
-    return done
+    return resilience(APP, env, *args, check=check)
 
 
 def status(env: dict[str, str]) -> dict[str, dict[str, Any]]:
-    return {row["downstream"]: row for row in json.loads(cli(env, "status", "--json").stdout)}
+    return status_of(APP, env)
 
 
 def fail_a(producer: Celery, env: dict[str, str], count: int) -> None:

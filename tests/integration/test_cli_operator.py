@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -27,6 +26,7 @@ from celery import Celery
 
 from resilient_tasks.cli import status_rows
 from resilient_tasks.testing import RedisServer, SubprocessWorker, free_port, wait_until
+from tests.integration.cli_run import resilience, status_of
 
 APP = "tests.integration.cli_app"
 PASSWORD = "s3cret-Pa55word"
@@ -43,21 +43,11 @@ def env(rt_redis_flushed: RedisServer) -> dict[str, str]:
 
 
 def cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("RESILIENT_TASKS_", "RT_"))}
-    done = subprocess.run(
-        [sys.executable, "-m", "celery", "-A", APP, "resilience", *args],
-        env={**base, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if check and done.returncode != 0:
-        raise AssertionError(f"exit {done.returncode}\n{done.stdout}\n{done.stderr}")
-    return done
+    return resilience(APP, env, *args, check=check)
 
 
 def status(env: dict[str, str]) -> dict[str, dict[str, Any]]:
-    return {row["downstream"]: row for row in json.loads(cli(env, "status", "--json").stdout)}
+    return status_of(APP, env)
 
 
 def assert_clean_error(done: subprocess.CompletedProcess[str], *said: str) -> str:
