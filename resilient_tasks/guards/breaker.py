@@ -113,6 +113,8 @@ class BreakerGuard(Guard):
         #: This process's view of the breaker, when the policy flushes in batches.
         self.tally: Tally | None = None
         self.from_view = False
+        #: Successes sent with the admission (given back if that trip fails).
+        self.flushing: tuple[int, int] | None = None
 
     def begin(self, ex: Execution) -> Sequence[Op]:
         if self.name is None or self.policy is None:
@@ -124,7 +126,16 @@ class BreakerGuard(Guard):
                 self.from_view = True
                 self.admission = Admission("allow", "closed", 0, view.consecutive_failures)
                 return ()
-        return [Admit(self.name, self.policy, self.owner, ex.runtime.now_ms())]
+        admit = Admit(self.name, self.policy, self.owner, ex.runtime.now_ms())
+        if self.tally is not None:
+            # the view is stale: this trip asks anyway, so the successes waiting ride in it
+            # (one trip per interval, not an admission and a flush)
+            ok, firsts = self.tally.take()
+            if ok:
+                self.flushing = (ok, firsts)
+                return [Record(self.name, self.policy, self.owner, ok=ok, first_attempts=firsts,
+                               now_ms=admit.now_ms), admit]
+        return [admit]
 
     def decide(self, ex: Execution, answers: Sequence[Any] | None) -> Decision:
         name, policy = self.name, self.policy
@@ -136,12 +147,18 @@ class BreakerGuard(Guard):
             seen.consecutive_failures = self.admission.consecutive_failures
             return RUN
         if answers is None:
+            if self.flushing is not None and self.tally is not None:
+                self.tally.give_back(*self.flushing)
             self.local = True
             ex.runtime.count("breaker_local", name)
             log.warning("breaker %r: store unavailable, using the local breaker", name)
             admission: Admission = _local(ex, Admit(name, policy, self.owner, _local_now(ex)))
         else:
-            (admission,) = answers
+            if self.flushing is not None:
+                recorded, admission = answers
+                _recorded(ex, name, recorded)
+            else:
+                (admission,) = answers
             if self.tally is not None:
                 self.tally.learn(admission.state, admission.switch, admission.consecutive_failures)
         self.admission = admission
