@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,6 +73,7 @@ class IdempotencyGuard(Guard):
         self.record = ""
         self.owner = owner_id()
         self.token = 0  # the claim's fencing token once taken
+        self.claimed_at = 0.0  # (monotonic) when the claim was taken
         self.unguarded = False
 
     # -- begin and decide ---------------------------------------------------------------
@@ -126,6 +128,7 @@ class IdempotencyGuard(Guard):
         outcome = ex.outcome
         if answer.verdict == "claimed":
             self.token = outcome.token = answer.token
+            self.claimed_at = time.monotonic()
             outcome.idempotency = "claimed"
             ex.claim = ClaimHandle(key=self.record, owner=self.owner, token=answer.token)
             ex.runtime.heartbeat.track(ex.claim, int(self.lease_s * 1000), self.ttl_ms)
@@ -212,7 +215,12 @@ class IdempotencyGuard(Guard):
                 return [release]
             outcome.result_stored = False
             payload = "null"  # too big to replay: the job is done, a duplicate gets null
-        complete = Complete(self.record, self.owner, self.token, payload, self.ttl_ms, ex.runtime.now_ms())
+        # The record lives lease + ttl from its claim: in the first half of the lease, at
+        # least ttl is left and the completion need not set the expiry (one command less).
+        refresh = time.monotonic() - self.claimed_at > self.lease_s / 2
+        complete = Complete(
+            self.record, self.owner, self.token, payload, self.ttl_ms, ex.runtime.now_ms(), refresh
+        )
         return [(complete, lambda answer: _completed(ex, self.token, answer))]
 
 

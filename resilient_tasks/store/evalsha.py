@@ -190,7 +190,7 @@ class Codec:
     def complete(self, op: Complete) -> Command:
         return (
             "EVALSHA", self.sha["complete"], 1, f"{self.idem}{{{op.record}}}", op.owner, int(op.token),
-            op.result, int(op.ttl_ms),
+            op.result, int(op.ttl_ms), "1" if op.refresh else "",
         )  # fmt: skip
 
     def release(self, op: Release) -> Command:

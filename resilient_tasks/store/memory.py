@@ -59,9 +59,8 @@ class _Idem:
     owner: str | None = None
     fp: str = ""
     token: int = 0
-    lease_until: int | None = None
+    life: int = 0  # the ttl (ms) kept after the lease: the lease left is the life left - life
     task_id: str = ""
-    claimed_at: int = 0
     result: str | None = None
 
 
@@ -260,7 +259,6 @@ class MemoryStore:
     # -- idempotency (claim.lua, complete.lua, release.lua, renew.lua, forget.lua) ---------
 
     def _claim(self, op: Claim, clock: int, real: float) -> ClaimAnswer:
-        now = op.now_ms or clock
         rec: _Idem | None = self._live(self._idem, op.record, real)
         token = rec.token if rec is not None else 0
         if rec is not None and rec.state in ("done", "in_flight"):
@@ -268,7 +266,8 @@ class MemoryStore:
                 return ClaimAnswer("conflict", token)
             if rec.state == "done":
                 return ClaimAnswer("done", token, rec.result)
-            remaining = (rec.lease_until or 0) - now
+            # the lease is the record's expiry (as in claim.lua): real time, whatever the clock
+            remaining = math.ceil(rec.expires_at - real - rec.life)
             if remaining > 0 and not (op.handoff and rec.owner == op.handoff):
                 return ClaimAnswer("in_flight", token, remaining_ms=remaining)
         if op.peek:
@@ -277,9 +276,8 @@ class MemoryStore:
             rec = self._idem[op.record] = _Idem()
         rec.token += 1
         rec.state, rec.owner, rec.fp = "in_flight", op.owner, op.fingerprint
-        rec.lease_until, rec.task_id, rec.claimed_at = now + op.lease_ms, op.task_id, now
-        rec.result = None
-        rec.expires_at = real + max(op.ttl_ms, op.lease_ms)
+        rec.life, rec.task_id, rec.result = op.ttl_ms, op.task_id, None
+        rec.expires_at = real + op.lease_ms + op.ttl_ms
         return ClaimAnswer("claimed", rec.token)
 
     def _owned(self, record: str, owner: str, token: int, real: float) -> tuple[_Idem | None, bool]:
@@ -294,14 +292,15 @@ class MemoryStore:
         if not ours:
             return CompleteAnswer(False, rec.state or "", rec.result)
         rec.state, rec.result = "done", op.result
-        rec.expires_at = real + op.ttl_ms
+        if op.refresh:
+            rec.expires_at = real + op.ttl_ms
         return CompleteAnswer(True)
 
     def _release(self, op: Release, clock: int, real: float) -> bool:
         rec, ours = self._owned(op.record, op.owner, op.token, real)
         if rec is None or not ours:
             return False
-        rec.state = "released"  # (owner and lease_until stay, as in the script: read only in flight)
+        rec.state = "released"  # (owner and life stay, as in the script: read only in flight)
         rec.expires_at = real + op.ttl_ms
         return True
 
@@ -309,8 +308,7 @@ class MemoryStore:
         rec, ours = self._owned(op.record, op.owner, op.token, real)
         if rec is None or not ours:
             return False
-        rec.lease_until = (op.now_ms or clock) + op.lease_ms
-        rec.expires_at = real + max(op.ttl_ms, op.lease_ms)
+        rec.expires_at = real + op.lease_ms + (rec.life or op.ttl_ms)
         return True
 
     def _forget(self, op: Forget, clock: int, real: float) -> bool:

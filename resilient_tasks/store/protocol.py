@@ -105,7 +105,11 @@ class ClaimAnswer(NamedTuple):
 @dataclass(frozen=True, slots=True)
 class Complete:
     """Store the result, only if ``owner`` and ``token`` still hold the claim.
-    (``now_ms`` is accepted but unused: nothing a completion stores depends on the clock.)"""
+
+    A claim's record lives its lease plus ``ttl_ms``; ``refresh`` sets it to live
+    ``ttl_ms`` from now (needed only when the execution ran past half its lease:
+    otherwise at least ``ttl_ms`` is left, and the write is one command less). (``now_ms``
+    is accepted but unused: nothing a completion stores depends on the clock.)"""
 
     name: ClassVar[str] = "complete"
     record: str
@@ -114,6 +118,7 @@ class Complete:
     result: str
     ttl_ms: int
     now_ms: int = 0
+    refresh: bool = True
 
 
 class CompleteAnswer(NamedTuple):

@@ -63,15 +63,29 @@ def test_claim_complete_then_a_duplicate_replays_the_result(store: Store) -> Non
     assert claim(store, "k1", "b", T0 + 20, peek=True) == ClaimAnswer("done", 1, '{"ok": 1}')
 
 
+def pause(ms: int) -> None:
+    """Real time passing: a lease is the record's own expiry, which an injected clock
+    does not move (in Redis as in memory)."""
+    time.sleep(ms / 1000.0)
+
+
+def in_flight_for(answer: ClaimAnswer, token: int, at_most: int, at_least: int = 1) -> bool:
+    return answer.verdict == "in_flight" and answer.token == token and at_least <= answer.remaining_ms <= at_most
+
+
 def test_a_live_claim_is_in_flight_and_an_expired_lease_is_taken_over(store: Store) -> None:
-    claim(store, "k2", "a", T0, lease=1000)
-    assert claim(store, "k2", "b", T0 + 400) == ClaimAnswer("in_flight", 1, remaining_ms=600)
-    assert claim(store, "k2", "b", T0 + 1000) == ClaimAnswer("claimed", 2)
+    claim(store, "k2", "a", T0, lease=300)
+    assert in_flight_for(claim(store, "k2", "b", T0), 1, at_most=300, at_least=150)
+    pause(120)
+    assert in_flight_for(claim(store, "k2", "b", T0), 1, at_most=180)
+    pause(200)
+    assert claim(store, "k2", "b", T0) == ClaimAnswer("claimed", 2)
 
 
 def test_complete_from_a_stale_owner_is_refused_and_tells_the_records_state(store: Store) -> None:
-    claim(store, "k3", "a", T0, lease=1000)
-    claim(store, "k3", "b", T0 + 1001)  # a's lease ran out: b holds token 2
+    claim(store, "k3", "a", T0, lease=100)
+    pause(120)
+    assert claim(store, "k3", "b", T0) == ClaimAnswer("claimed", 2), "a's lease ran out: b holds token 2"
     assert one(store, Complete("k3", "a", 1, "1", 60_000, T0 + 1100)) == CompleteAnswer(False, "in_flight")
     assert one(store, Complete("k3", "b", 2, "2", 60_000, T0 + 1200)) == CompleteAnswer(True)
     assert one(store, Complete("k3", "a", 1, "1", 60_000, T0 + 1300)) == CompleteAnswer(False, "done", "2")
@@ -97,7 +111,7 @@ def test_peek_looks_without_taking(store: Store) -> None:
     assert claim(store, "k5", "a", T0, peek=True) == ClaimAnswer("free", 0)
     assert claim(store, "k5", "a", T0, peek=True) == ClaimAnswer("free", 0)
     assert claim(store, "k5", "a", T0) == ClaimAnswer("claimed", 1), "the peek took nothing"
-    assert claim(store, "k5", "b", T0 + 1, peek=True) == ClaimAnswer("in_flight", 1, remaining_ms=999)
+    assert in_flight_for(claim(store, "k5", "b", T0 + 1, peek=True), 1, at_most=1000, at_least=500)
     one(store, Release("k5", "a", 1, 60_000))
     assert claim(store, "k5", "b", T0 + 2, peek=True) == ClaimAnswer("free", 1)
 
@@ -120,13 +134,32 @@ def test_a_retry_hands_off_its_own_live_claim(store: Store) -> None:
 
 
 def test_renew_extends_only_the_owners_lease(store: Store) -> None:
-    claim(store, "k8", "a", T0, lease=1000)
-    assert one(store, Renew("k8", "a", 1, 1000, 60_000, T0 + 900)) is True
-    assert claim(store, "k8", "b", T0 + 1500) == ClaimAnswer("in_flight", 1, remaining_ms=400)
-    assert one(store, Renew("k8", "b", 1, 1000, 60_000, T0 + 1500)) is False
-    assert one(store, Renew("k8", "a", 2, 1000, 60_000, T0 + 1500)) is False
-    assert claim(store, "k8", "b", T0 + 1900)[0] == "claimed"
-    assert one(store, Renew("k8", "a", 1, 1000, 60_000, T0 + 1950)) is False, "taken over: lost"
+    claim(store, "k8", "a", T0, lease=300)
+    pause(200)
+    assert one(store, Renew("k8", "a", 1, 300, 60_000, T0)) is True
+    pause(200)  # 400 ms after the claim: alive only because it was renewed
+    assert in_flight_for(claim(store, "k8", "b", T0), 1, at_most=100)
+    assert one(store, Renew("k8", "b", 1, 300, 60_000, T0)) is False
+    assert one(store, Renew("k8", "a", 2, 300, 60_000, T0)) is False
+    pause(120)
+    assert claim(store, "k8", "b", T0)[0] == "claimed"
+    assert one(store, Renew("k8", "a", 1, 300, 60_000, T0)) is False, "taken over: lost"
+
+
+def test_a_completed_record_lives_at_least_its_ttl(backend: Backend) -> None:
+    """A claim lives lease + ttl; a completion early in the lease keeps that (one
+    command less), one that asks to refresh lives ttl from then."""
+    store = backend.store
+    claim(store, "k8t", "a", T0, lease=5_000)
+    assert one(store, Complete("k8t", "a", 1, "r", 60_000, T0, refresh=False)) == CompleteAnswer(True)
+    claim(store, "k8r", "a", T0, lease=5_000)
+    assert one(store, Complete("k8r", "a", 1, "r", 60_000, T0, refresh=True)) == CompleteAnswer(True)
+    ttls = backend.keys()
+    if backend.kind != "memory":
+        kept = {key.rsplit("{", 1)[1].rstrip("}"): pttl for key, pttl in ttls.items() if ":idem:" in key}
+        assert 60_000 < kept["k8t"] <= 65_000, kept
+        assert 59_000 < kept["k8r"] <= 60_000, kept
+    assert claim(store, "k8t", "b", T0) == ClaimAnswer("done", 1, "r")
 
 
 def test_fencing_tokens_never_go_back(store: Store) -> None:
@@ -141,10 +174,10 @@ def test_fencing_tokens_never_go_back(store: Store) -> None:
         if step % 3 == 0:
             assert one(store, Release("k9", f"o{step}", answer.token, 60_000)) is True
         elif step % 3 == 1:
-            now += 60  # the lease runs out while "running"
+            pause(60)  # the lease runs out while "running"
         else:
             one(store, Renew("k9", f"o{step}", answer.token, 50, 60_000, now))
-            now += 60
+            pause(60)
     assert tokens == list(range(1, 13))
     one(store, Complete("k9", "o11", 12, "done", 60_000, now))
     assert claim(store, "k9", "late", now + 1) == ClaimAnswer("done", 12, "done")
@@ -484,11 +517,12 @@ def test_a_batch_is_one_trip_with_answers_in_order(store: Store) -> None:
         Forget("b1"),
     ])  # fmt: skip
     assert store.trips == before + 1
+    assert in_flight_for(answers[3], 1, at_most=1000, at_least=900)
     assert answers == [
         ClaimAnswer("claimed", 1),
         Admission("allow", "closed", 0, 0, "normal"),
         CacheEntry(),
-        ClaimAnswer("in_flight", 1, remaining_ms=999),
+        answers[3],
         Recorded("closed", False, 1),
         True,
         SpendAnswer(True, 1, 0),

@@ -8,8 +8,8 @@ local rec = redis.call('HMGET', key, 'state', 'owner', 'token')
 if rec[1] ~= 'in_flight' or rec[2] ~= ARGV[1] or rec[3] ~= ARGV[2] then
   return 0
 end
--- Only the state changes: owner and lease_until are read only beside 'in_flight', so
--- they stay as history (who held the claim last) instead of costing an HDEL.
+-- Only the state changes: owner and life are read only beside 'in_flight', so they
+-- stay as history (who held the claim last) instead of costing an HDEL.
 redis.call('HSET', key, 'state', 'released')
 redis.call('PEXPIRE', key, tonumber(ARGV[3]))
 return 1
