@@ -8,6 +8,11 @@ decision says ``FALLBACK``. The cache write rides in the ``end`` round trip and 
 skipped while the good value stored is younger than ``REFRESH`` of its ``ttl`` (one
 write per key per tenth of the ttl, however hot the key). Only JSON values under
 ``max_size`` are cached.
+
+Entries are timed by the worker's own clock (``_now_ms``), not the server's: an entry's
+age decides seconds-long freshness, which a few ms of skew between workers cannot move,
+and a script that asked Redis for the time would pay a ``TIME`` in every write. (A
+reader behind the writer's clock sees an age of 0, never less.)
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ class FallbackGuard(Guard):
         if hint is not None:
             self.prefetching = True
             return [self._serve_op(ex, hint + 1)]
-        return [CacheGet(record=self._record(ex), now_ms=ex.runtime.now_ms())]
+        return [CacheGet(record=self._record(ex), now_ms=_now_ms(ex))]
 
     def decide(self, ex: Execution, answers: Sequence[Any] | None) -> Decision:
         if answers is None:
@@ -166,7 +171,7 @@ class FallbackGuard(Guard):
             decay=policy.decay,
             floor_ms=int(policy.floor * 1000),
             max_stale_ms=int((policy.max_stale or 0) * 1000),
-            now_ms=ex.runtime.now_ms(),
+            now_ms=_now_ms(ex),
         )
 
     def end(self, ex: Execution, outcome: Outcome) -> Sequence[EndOp]:
@@ -200,7 +205,12 @@ class FallbackGuard(Guard):
 
     def _put(self, ex: Execution, text: str, kind: CacheKind, ttl: float) -> CachePut:
         stored = seal(ex.runtime.hmac_key, self._record(ex), text)
-        return CachePut(self._record(ex), stored, kind, int(ttl * 1000), ex.runtime.now_ms())
+        return CachePut(self._record(ex), stored, kind, int(ttl * 1000), _now_ms(ex))
+
+
+def _now_ms(ex: Execution) -> int:
+    """The worker's clock (an injected one in tests), for every cache op (see above)."""
+    return int(ex.runtime.clock() * 1000)
 
 
 def _valid(policy: FallbackPolicy, value: Any) -> bool:

@@ -2,7 +2,10 @@
 
 One Lua script per operation lives in ``lua/`` behind a shared ``_prelude.lua``;
 ``Codec`` turns each op into the command that runs its script (keys under the store's
-prefix, one hash tag each) and each reply back into the op's answer type. ``Packer``
+prefix, one hash tag each) and each reply back into the op's answer type. One op needs
+no script: a peek at a fallback entry with the caller's clock is a plain ``HMGET``
+(a read changes nothing, and one command is cheaper than a script that runs it), read
+here as ``cache_get.lua`` would answer it. ``Packer``
 hands the commands to hiredis through redis-py's ``command_packer`` hook.
 """
 
@@ -44,7 +47,7 @@ from .protocol import (
     Verdict,
 )
 
-__all__ = ["Codec", "Command", "Packer", "Script", "load_commands", "script_of", "scripts", "text"]
+__all__ = ["Codec", "Command", "Packer", "Script", "key_of", "load_commands", "script_of", "scripts", "text"]
 
 Command = tuple[Any, ...]
 
@@ -83,6 +86,11 @@ def script_of(command: Command) -> str:
     if not _BY_SHA:
         _BY_SHA.update({script.sha: name for name, script in scripts().items()})
     return _BY_SHA[command[1]]
+
+
+def key_of(command: Command) -> str:
+    """The one key a command touches (an ``EVALSHA`` of one key, or a plain read)."""
+    return str(command[3] if command[0] == "EVALSHA" else command[1])
 
 
 # -- packing ----------------------------------------------------------------------------
@@ -240,6 +248,8 @@ class Codec:
         )  # fmt: skip
 
     def cache_get(self, op: CacheGet) -> Command:
+        if not op.serve and op.now_ms:
+            return ("HMGET", f"{self.fb}{{{op.record}}}", *_PEEKED)
         return (
             "EVALSHA", self.sha["cache_get"], 1, f"{self.fb}{{{op.record}}}", int(op.now_ms),
             "1" if op.serve else "0", int(op.failures), int(op.ttl_ms), float(op.decay), int(op.floor_ms),
@@ -251,6 +261,33 @@ class Codec:
             "EVALSHA", self.sha["cache_put"], 1, f"{self.fb}{{{op.record}}}", op.value, int(op.now_ms),
             int(op.ttl_ms), op.kind,
         )  # fmt: skip
+
+
+    def answer(self, op: Any, raw: Any) -> Any:
+        """The reply to ``op``'s command as ``op``'s answer type."""
+        if type(op) is CacheGet and not op.serve and op.now_ms:
+            return _peeked(raw, op.now_ms)
+        return self.decode[type(op)](raw)
+
+
+#: The fields a peek reads (as ``cache_get.lua`` does).
+_PEEKED = ("kind", "value", "written_at", "fail_until", "fail_value")
+
+
+def _peeked(raw: Any, now: int) -> CacheEntry:
+    """A peek's ``HMGET`` read as ``cache_get.lua`` answers without ``serve``: a negative
+    answer; a failure remembered until later than ``now``; the good value's age."""
+    kind, _value, written_at, fail_until, fail_value = raw
+    if kind == b"negative":
+        return CacheEntry("negative", _maybe_text(_value))
+    good = kind == b"ok"
+    remembered = int(fail_until) if fail_until else 0
+    if not good and remembered <= 0:
+        return CacheEntry()
+    good_age = max(0, now - int(written_at)) if good and written_at else -1
+    if remembered > now and fail_value is not None:
+        return CacheEntry("failure", _maybe_text(fail_value), good_age_ms=good_age)
+    return CacheEntry(good_age_ms=good_age) if good_age >= 0 else CacheEntry()
 
 
 def _claim_answer(raw: Any) -> ClaimAnswer:

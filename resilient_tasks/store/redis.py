@@ -54,7 +54,7 @@ from redis.sentinel import Sentinel
 
 from ..errors import StoreMisconfigured, StoreUnavailable
 from ..keys import owner_id
-from .evalsha import Codec, Command, Packer, load_commands, script_of, scripts, text
+from .evalsha import Codec, Command, Packer, key_of, load_commands, script_of, scripts, text
 from .protocol import BreakerView, Claim, ClaimAnswer, Forget, Op
 from .urls import parse_sentinel_url, password_pieces, redact, secrets_of
 
@@ -542,8 +542,7 @@ class RedisStore:
 
                 self._settle(raw, started, again, retry_on=NoScriptError)
                 break
-        decode = self._codec.decode
-        return [self._answer(decode, op, value) for op, value in zip(ops, raw, strict=True)]
+        return [self._answer(op, value) for op, value in zip(ops, raw, strict=True)]
 
     def _cluster_batch(self, ops: Sequence[Op], started: float, deadline: float | None) -> list[Any]:
         """Ops grouped per node (each op touches one hash slot): one connection per node,
@@ -555,7 +554,7 @@ class RedisStore:
         def send(indices: list[int], load: bool) -> None:
             groups: dict[str, tuple[Any, list[int]]] = {}
             for i in indices:
-                node = self._client.get_node_from_key(commands[i][3])
+                node = self._client.get_node_from_key(key_of(commands[i]))
                 groups.setdefault(node.name, (node, []))[1].append(i)
             taken: list[tuple[Any, Any]] = []
             try:
@@ -584,8 +583,7 @@ class RedisStore:
             send(missing, load=True)
 
         self._settle(raw, started, again, retry_on=(NoScriptError, AskError))
-        decode = self._codec.decode
-        return [self._answer(decode, op, value) for op, value in zip(ops, raw, strict=True)]
+        return [self._answer(op, value) for op, value in zip(ops, raw, strict=True)]
 
     def _settle(
         self,
@@ -608,7 +606,7 @@ class RedisStore:
             if isinstance(answer, ResponseError):
                 raise answer
 
-    def _answer(self, decode: dict[type, Callable[[Any], Any]], op: Op, value: Any) -> Any:
+    def _answer(self, op: Op, value: Any) -> Any:
         if isinstance(value, ResponseError):
             if denial(value) is not None:
                 raise self._misconfigured(value)
@@ -616,7 +614,7 @@ class RedisStore:
             raise StoreUnavailable(
                 f"redis store at {self.where}: script {op.name!r} failed: {type(value).__name__}: {said}"
             )
-        return decode[type(op)](value)
+        return self._codec.answer(op, value)
 
     def breakers(self) -> list[BreakerView]:
         found = []
