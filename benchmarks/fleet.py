@@ -403,6 +403,8 @@ def targets(rows: Sequence[dict[str, Any]], cluster: dict[str, Any] | None) -> l
         checks.append((label, value, op, limit))
 
     def ratio(variant: str, other: str, key: str) -> float | None:
+        """(Throughput through ``ratio_vs_plain``: paired with plain round by round, so a
+        round's pace does not weigh on it as it does on a median of rates.)"""
         if variant in by and other in by and by[other][key]:
             return float(by[variant][key]) / float(by[other][key])
         return None
@@ -414,15 +416,15 @@ def targets(rows: Sequence[dict[str, Any]], cluster: dict[str, Any] | None) -> l
         check("breaker: round trips per task", by["breaker"]["round_trips_per_task"], "<=", 0.1)
         check("breaker: store CPU per task / pybreaker's", ratio("breaker", "pybreaker", "store_cpu_us_per_task"),
               "<=", 0.25)
-        check("breaker: throughput / pybreaker's", ratio("breaker", "pybreaker", "tasks_per_s"), ">=", 1.0)
+        check("breaker: throughput / pybreaker's", ratio("breaker", "pybreaker", "ratio_vs_plain"), ">=", 1.0)
     if "idempotency" in by:
         row = by["idempotency"]
         check("idempotency: round trips per task", row["round_trips_per_task"], "==", 2.0)
         check("idempotency: store CPU per task / celery-once's",
               ratio("idempotency", "celery_once", "store_cpu_us_per_task"), "<=", 1.5)
         check("idempotency: server commands per task", row["commands_per_task"], "<=", 8)
-        check("idempotency: throughput / celery-once's", ratio("idempotency", "celery_once", "tasks_per_s"),
-              ">=", 1.0)
+        check("idempotency: throughput / celery-once's",
+              ratio("idempotency", "celery_once", "ratio_vs_plain"), ">=", 1.0)
     if "all_guards" in by:
         row = by["all_guards"]
         check("idempotency + breaker + fallback: round trips per task", row["round_trips_per_task"], "==", 2.0)
