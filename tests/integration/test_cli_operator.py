@@ -19,6 +19,7 @@ import os
 import subprocess
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -64,6 +65,13 @@ def assert_clean_error(done: subprocess.CompletedProcess[str], *said: str) -> st
 
 
 #: Every command that reads or writes the store, as an operator types it.
+def side_by_side(calls: list[tuple[dict[str, str], tuple[str, ...]]]) -> list[subprocess.CompletedProcess[str]]:
+    """Independent commands, two at a time (each is a fresh interpreter importing Celery:
+    the suite's slowest part, and this machine has two cores)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return list(pool.map(lambda call: cli(call[0], *call[1], check=False), calls))
+
+
 STORE_COMMANDS = (
     ("status",),
     ("status", "--json"),
@@ -107,14 +115,18 @@ def test_every_command_fails_cleanly_when_the_store_is_down_or_refuses_us(
     down = f"redis://ops:{PASSWORD}@127.0.0.1:{free_port()}/1"
     wrong_password = store_url(rt_redis, acl_users["ops"])  # (its password is "right-one")
     no_rights = store_url(rt_redis, acl_users["nothing"])
-    for url, why in (
-        (down, "Connection refused"),
-        (wrong_password, "AuthenticationError: invalid username-password pair"),
-        (no_rights, "NoPermissionError"),
-    ):
-        for command in STORE_COMMANDS:
-            done = cli({**env, "RESILIENT_TASKS_REDIS_URL": url}, *command, check=False)
-            assert_clean_error(done, "redis store at redis://***@127.0.0.1:", why)
+    cases = [
+        (url, why, command)
+        for url, why in (
+            (down, "Connection refused"),
+            (wrong_password, "AuthenticationError: invalid username-password pair"),
+            (no_rights, "NoPermissionError"),
+        )
+        for command in STORE_COMMANDS
+    ]
+    runs = side_by_side([({**env, "RESILIENT_TASKS_REDIS_URL": url}, command) for url, _, command in cases])
+    for (_, why, _), done in zip(cases, runs, strict=True):
+        assert_clean_error(done, "redis store at redis://***@127.0.0.1:", why)
 
 
 def test_status_without_the_right_to_scan_is_a_clean_error(
@@ -131,13 +143,13 @@ def test_status_without_the_right_to_scan_is_a_clean_error(
 
 def test_every_command_fails_cleanly_without_a_store_or_with_a_broken_url(env: dict[str, str]) -> None:
     unset = {k: v for k, v in env.items() if k != "RESILIENT_TASKS_REDIS_URL"}
-    for command in STORE_COMMANDS:
-        assert_clean_error(
-            cli(unset, *command, check=False), "install.redis_url", "RESILIENT_TASKS_REDIS_URL"
-        )
     broken = {**env, "RESILIENT_TASKS_REDIS_URL": f"redis://ops:{PASSWORD}@127.0.0.1:notaport/1"}
-    for command in STORE_COMMANDS:
-        assert_clean_error(cli(broken, *command, check=False), "redis://***@127.0.0.1:notaport/1", "Port")
+    runs = side_by_side([(unset, command) for command in STORE_COMMANDS]
+                        + [(broken, command) for command in STORE_COMMANDS])  # fmt: skip
+    for done in runs[: len(STORE_COMMANDS)]:
+        assert_clean_error(done, "install.redis_url", "RESILIENT_TASKS_REDIS_URL")
+    for done in runs[len(STORE_COMMANDS) :]:
+        assert_clean_error(done, "redis://***@127.0.0.1:notaport/1", "Port")
 
 
 def test_status_shows_the_state_a_switch_imposes_and_actions_the_switch_they_found(
