@@ -114,9 +114,10 @@ def test_a_bad_reload_keeps_the_last_good_policies_and_no_job_fails(
             n += 1
             assert ping.delay(n).get(timeout=20) == n
             time.sleep(0.05)
-        for n in range(n + 1, n + 4):  # and later jobs do not report it again
-            assert ping.delay(n).get(timeout=20) == n
-    assert runs == list(range(1, n + 1)), "no job failed because of the reload"
+        last = n + 3
+        for later in range(n + 1, last + 1):  # and later jobs do not report it again
+            assert ping.delay(later).get(timeout=20) == later
+    assert runs == list(range(1, last + 1)), "no job failed because of the reload"
     effective = runtime.policy_for(ping)
     assert effective.breaker is not None and effective.breaker.min_calls == 11, "the last good file stays"
     assert runtime.counters[("policy_reload_refused", "")] == 1, "one error per bad file, not one per job"
