@@ -574,3 +574,60 @@ def test_a_cluster_batch_spreads_over_the_masters_and_recovers_noscript_on_each(
     answers = store.batch([claim_op(f"s{i}", "b") for i in range(24)])
     assert [a.verdict for a in answers] == ["in_flight"] * 24 and store.trips == before + 2
     store.close()
+
+
+# -- a thread's connection ---------------------------------------------------------------------
+
+
+def _connections_made(server: RedisServer) -> int:
+    return int(server.client(0).info("stats")["total_connections_received"])
+
+
+def test_a_thread_keeps_its_connection_and_gives_it_back_when_it_ends() -> None:
+    """Between batches a thread keeps its connection (no pool check each time); a
+    thread that ends gives it back, so short-lived threads do not each open one."""
+    with RedisServer() as server:
+        store = RedisStore(server.url(1))
+        store.batch([claim_op("t-main")])
+        before = _connections_made(server)
+        for i in range(50):
+            store.batch([claim_op(f"t-main-{i}")])
+        assert _connections_made(server) == before + 1, "the same connection (+1: the check)"
+
+        def one(n: int) -> None:
+            store.batch([claim_op(f"t-{n}")])
+
+        for n in range(30):
+            thread = threading.Thread(target=one, args=(n,))
+            thread.start()
+            thread.join()
+        # each thread ended and gave its connection back: the next one took it again
+        assert _connections_made(server) <= before + 1 + 2
+        connected = int(server.client(0).info("clients")["connected_clients"])
+        assert connected <= 1 + 2 + 1, connected  # this thread's, one given back, (one spare), the check's
+        store.close()
+
+
+def test_a_held_connection_is_left_alone_by_a_forked_child() -> None:
+    """A child of a fork (a prefork pool process) makes its own connection; the parent's
+    held one still works afterwards."""
+    import multiprocessing
+
+    with RedisServer() as server:
+        store = RedisStore(server.url(1))
+        assert store.batch([claim_op("f-parent")]) == [ClaimAnswer("claimed", 1)]
+        context = multiprocessing.get_context("fork")
+        answers: Any = context.Queue()
+        before = _connections_made(server)
+
+        def child() -> None:
+            answers.put(store.batch([claim_op("f-child"), claim_op("f-parent", "c")]))
+
+        process = context.Process(target=child)
+        process.start()
+        process.join(20)
+        (mine, theirs) = answers.get(timeout=5)
+        assert mine == ClaimAnswer("claimed", 1) and theirs.verdict == "in_flight"
+        assert _connections_made(server) >= before + 1 + 1, "the child opened its own (+1: this check)"
+        assert store.batch([claim_op("f-parent-2")]) == [ClaimAnswer("claimed", 1)], "the parent's is intact"
+        store.close()
