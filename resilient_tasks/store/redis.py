@@ -547,11 +547,13 @@ class RedisStore:
                     return self._node_batch(conn, ops, started, deadline)
                 finally:
                     pool.release(conn)
-            held = self._held(started)
+            conn = self._held(started).conn  # (no frame keeps the holder: see below)
             try:
-                return self._node_batch(held.conn, ops, started, deadline)
+                return self._node_batch(conn, ops, started, deadline)
             except BaseException:
-                self._local.held = None  # a failed batch: its connection goes back now
+                # a failed batch: its connection goes back to the pool now, not when a
+                # traceback that holds this frame is let go
+                self._local.held = None
                 raise
         except (RedisError, RedisClusterException) as exc:
             self._fail("failed", exc)
@@ -562,13 +564,16 @@ class RedisStore:
         """This thread's connection, taken from the pool again once it is ``HOLD_SECONDS``
         old (the pool checks it then) or after a fork."""
         held: _Held | None = getattr(self._local, "held", None)
-        if held is not None and now < held.until and held.pid == os.getpid() and _clean(held.conn):
-            return held
-        self._local.held = None  # (its finalizer gives the old one back first)
+        if held is not None:
+            if now < held.until and held.pid == os.getpid() and _clean(held.conn):
+                return held
+            # the last reference goes: its finalizer gives the connection back now, so
+            # the pool hands the same one out again (after its checks), not a new one
+            self._local.held = held = None
         pool = self._client.connection_pool
-        held = _Held(pool, pool.get_connection(), now + HOLD_SECONDS)
-        self._local.held = held
-        return held
+        fresh = _Held(pool, pool.get_connection(), now + HOLD_SECONDS)
+        self._local.held = fresh
+        return fresh
 
     def _node_batch(self, conn: Any, ops: Sequence[Op], started: float, deadline: float | None) -> list[Any]:
         # read after the connection was made (a new one has checked the epoch just now)

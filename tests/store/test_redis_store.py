@@ -593,6 +593,10 @@ def test_a_thread_keeps_its_connection_and_gives_it_back_when_it_ends() -> None:
         for i in range(50):
             store.batch([claim_op(f"t-main-{i}")])
         assert _connections_made(server) == before + 1, "the same connection (+1: the check)"
+        time.sleep(redisops.HOLD_SECONDS + 0.1)
+        store.batch([claim_op("t-main-late")])  # given back to the pool, taken again: the same one
+        assert _connections_made(server) == before + 2, "no new connection (+1: this check)"
+        before += 1
 
         def one(n: int) -> None:
             store.batch([claim_op(f"t-{n}")])
