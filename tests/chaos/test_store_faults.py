@@ -83,7 +83,7 @@ SCENARIOS = {"kills-none": ("none", 5), "kills-aof": ("aof", 5), "flush-only": (
 def test_store_killed_and_restarted_five_times_and_scripts_flushed(
     rt_redis_flushed: RedisServer, tmp_path: Path, scenario: str
 ) -> None:
-    jobs = int(300 * SCALE)
+    jobs = int(200 * SCALE)
     persistence, kills = SCENARIOS[scenario]
     with RedisServer(args=PERSISTENCE[persistence]) as store:
         env = {

@@ -65,7 +65,7 @@ def redis_store(rt_redis: RedisServer) -> Iterator[RedisStore]:
     store.close()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(policy=policies, sequence=steps, ratio=st.sampled_from([0.0, 0.5, 1.0]))
 def test_memory_and_redis_make_the_same_decisions(
     redis_store: RedisStore,
@@ -158,7 +158,7 @@ cache_steps = st.lists(
 )
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sequence=cache_steps)
 def test_memory_and_redis_keep_the_same_fallback_entries(
     redis_store: RedisStore, sequence: list[tuple[Any, ...]]
