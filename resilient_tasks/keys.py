@@ -14,7 +14,7 @@ import itertools
 import json
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import IdempotencyKeyError
 from .policy import KeySpec
@@ -155,14 +155,23 @@ def key_material(
         material = task_id or ""
     elif isinstance(spec, tuple):
         named = named if named is not None else bind_arguments(run, args, kwargs)
-        missing = [name for name in spec if name not in named]
-        if missing:
-            raise IdempotencyKeyError(f"key argument(s) {', '.join(missing)} not passed to the task")
-        empty = [name for name in spec if named[name] is None or named[name] == ""]
-        if empty:
-            # None or "" would make unrelated calls share one record
-            raise IdempotencyKeyError(f"key argument(s) {', '.join(empty)} empty (None or \"\")")
-        material = canonical([named[name] for name in spec])
+        values = []
+        texts: list[str] | None = []  # each value's JSON while all are ints or strings
+        for name in spec:
+            value = named.get(name, _MISSING)
+            if value is _MISSING or value is None or value == "":
+                _refuse_key_arguments(spec, named)
+            values.append(value)
+            if texts is not None:
+                kind = type(value)
+                if kind is int:
+                    texts.append(str(value))
+                elif kind is str:
+                    texts.append(_CANONICAL.encode(value))
+                else:
+                    texts = None
+        # the same text as canonical(values), without building a JSON encoder per call
+        material = "[" + ",".join(texts) + "]" if texts is not None else canonical(values)
     elif isinstance(spec, str):
         try:
             named = named if named is not None else bind_arguments(run, args, kwargs)
@@ -181,6 +190,19 @@ def key_material(
     if size > MAX_KEY_BYTES:
         raise IdempotencyKeyError(f"the idempotency key is {size} bytes; the limit is {MAX_KEY_BYTES}")
     return material
+
+
+_MISSING: Any = object()
+
+
+def _refuse_key_arguments(spec: tuple[str, ...], named: Mapping[str, Any]) -> NoReturn:
+    """The error for key arguments not passed, or empty: None or "" would make
+    unrelated calls share one record."""
+    missing = [name for name in spec if name not in named]
+    if missing:
+        raise IdempotencyKeyError(f"key argument(s) {', '.join(missing)} not passed to the task")
+    empty = [name for name in spec if named[name] is None or named[name] == ""]
+    raise IdempotencyKeyError(f"key argument(s) {', '.join(empty)} empty (None or \"\")")
 
 
 def fingerprint(

@@ -18,12 +18,13 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from .errors import CircuitOpen, StoreUnavailable
 from .guards.base import (
     DEADLINE_HEADER,
     Decision,
+    EndOp,
     Env,
     Execution,
     Guard,
@@ -77,15 +78,27 @@ def _chain(policy: TaskPolicy) -> tuple[type[Guard], ...]:
 chain_for: PerObject[tuple[type[Guard], ...]] = PerObject(_chain)
 
 
-def _phases(policy: TaskPolicy) -> tuple[bool, bool]:
-    """Does any guard of the chain read in ``begin``, does any write in ``end``? (A chain
-    of neither, such as retry only, makes no round trip and need not gather ops.)"""
+class Phases(NamedTuple):
+    """Which guards of a chain take part in each phase (their positions in the chain):
+    a guard that keeps ``Guard``'s default for a phase is not called in it."""
+
+    deciders: tuple[int, ...]
+    readers: tuple[int, ...]
+    wrappers: tuple[int, ...]
+    writers: tuple[int, ...]
+
+
+def _phases(policy: TaskPolicy) -> Phases:
     chain = chain_for(policy)
-    return (any(kind.begin is not Guard.begin for kind in chain),
-            any(kind.end is not Guard.end for kind in chain))
+
+    def taking(phase: str) -> tuple[int, ...]:
+        return tuple(i for i, kind in enumerate(chain) if getattr(kind, phase) is not getattr(Guard, phase))
+
+    return Phases(taking("decide"), taking("begin"), taking("around"), taking("end"))
 
 
-phases_for: PerObject[tuple[bool, bool]] = PerObject(_phases)
+#: The phases of a policy's chain, worked out once.
+phases_for: PerObject[Phases] = PerObject(_phases)
 
 
 def execute(task: Any, runtime: Host, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -93,19 +106,19 @@ def execute(task: Any, runtime: Host, request: Any, args: tuple[Any, ...], kwarg
     policy = runtime.policy_for(task)
     ex = Execution(task, policy, runtime, args, kwargs, request, _deadline(request, policy, runtime.clock()))
     guards = [kind(ex) for kind in chain_for(policy)]  # type: ignore[call-arg]
-    reads, writes = phases_for(policy)
+    phases = phases_for(policy)
     token = current_execution.set(ex)
     try:
         try:
-            result = _run(ex, guards, reads)
+            result = _run(ex, guards, phases)
         except BaseException as exc:
-            if writes:
-                _end(ex, guards, failed=True)
+            if phases.writers:
+                _end(ex, guards, phases, failed=True)
             report(ex, exc, runtime.sinks)
             raise
         try:
-            if writes:
-                _end(ex, guards, failed=False)
+            if phases.writers:
+                _end(ex, guards, phases, failed=False)
         except BaseException as exc:
             report(ex, exc, runtime.sinks)
             raise
@@ -115,10 +128,11 @@ def execute(task: Any, runtime: Host, request: Any, args: tuple[Any, ...], kwarg
         current_execution.reset(token)
 
 
-def _run(ex: Execution, guards: list[Guard], reads: bool = True) -> Any:
-    answers = _begin(ex, guards) if reads else {}
+def _run(ex: Execution, guards: list[Guard], phases: Phases) -> Any:
+    answers = _begin(ex, guards, phases.readers) if phases.readers else {}
     confirming: Guard | None = None
-    for guard in guards:
+    for i in phases.deciders:
+        guard = guards[i]
         decision = guard.decide(ex, answers.get(id(guard), ()))
         if decision.kind is Kind.RUN:
             continue
@@ -135,14 +149,19 @@ def _run(ex: Execution, guards: list[Guard], reads: bool = True) -> Any:
         decision = confirming.confirmed(ex, confirmed)
         if decision.kind is not Kind.RUN:
             return _enact(ex, guards, decision, answers)
-    return _body(ex, guards, answers)
+    return _body(ex, guards, phases.wrappers, answers)
 
 
-def _begin(ex: Execution, guards: list[Guard]) -> dict[int, Sequence[Any] | None]:
-    """Every guard's ``begin`` ops in one round trip; per guard its answers (None: the
-    store failed)."""
-    planned = [(guard, list(guard.begin(ex))) for guard in guards]
-    ops = [op for _, own in planned for op in own]
+def _begin(ex: Execution, guards: list[Guard], readers: tuple[int, ...]) -> dict[int, Sequence[Any] | None]:
+    """The ``begin`` ops of the guards that read, in one round trip; per guard its
+    answers (None: the store failed)."""
+    planned = []
+    ops: list[Op] = []
+    for i in readers:
+        guard = guards[i]
+        own = guard.begin(ex)
+        planned.append((guard, len(own)))
+        ops.extend(own)
     if not ops:
         return {}
     try:
@@ -152,10 +171,10 @@ def _begin(ex: Execution, guards: list[Guard]) -> dict[int, Sequence[Any] | None
         flat = None
     answers: dict[int, Sequence[Any] | None] = {}
     start = 0
-    for guard, own in planned:
-        if own:
-            answers[id(guard)] = None if flat is None else flat[start : start + len(own)]
-            start += len(own)
+    for guard, count in planned:
+        if count:
+            answers[id(guard)] = None if flat is None else flat[start : start + count]
+            start += count
     return answers
 
 
@@ -179,7 +198,9 @@ def _enact(
     raise decision.error
 
 
-def _body(ex: Execution, guards: list[Guard], answers: dict[int, Sequence[Any] | None]) -> Any:
+def _body(
+    ex: Execution, guards: list[Guard], wrappers: tuple[int, ...], answers: dict[int, Sequence[Any] | None]
+) -> Any:
     outcome = ex.outcome
 
     def body() -> Any:
@@ -196,9 +217,8 @@ def _body(ex: Execution, guards: list[Guard], answers: dict[int, Sequence[Any] |
         return value
 
     proceed: Callable[[], Any] = body
-    for guard in reversed(guards):
-        if type(guard).around is not Guard.around:
-            proceed = functools.partial(guard.around, ex, proceed)
+    for i in reversed(wrappers):
+        proceed = functools.partial(guards[i].around, ex, proceed)
     if ex.policy.downstream is None and ex.policy.breaker is None:
         return proceed()
     try:
@@ -209,9 +229,11 @@ def _body(ex: Execution, guards: list[Guard], answers: dict[int, Sequence[Any] |
         return _enact(ex, guards, inner_refusal(ex)(exc), answers)
 
 
-def _end(ex: Execution, guards: list[Guard], *, failed: bool) -> None:
-    """Every guard's writes in one round trip, then each answer read back."""
-    pairs = [pair for guard in guards for pair in guard.end(ex, ex.outcome)]
+def _end(ex: Execution, guards: list[Guard], phases: Phases, *, failed: bool) -> None:
+    """The writes of the guards that write, in one round trip, then each answer read back."""
+    pairs: list[EndOp] = []
+    for i in phases.writers:
+        pairs.extend(guards[i].end(ex, ex.outcome))
     if not pairs:
         return
     ops = [op for op, _ in pairs]
@@ -221,12 +243,12 @@ def _end(ex: Execution, guards: list[Guard], *, failed: bool) -> None:
     # again after the lease. Worth a few short tries (the writes are owner-checked, so a
     # repeat of one that did land is refused harmlessly). Only quick failures are tried
     # again: after a timeout the worker has waited long enough, and the lease covers it.
-    budget = ex.runtime.store_timeout() / 2
     for pause in END_RETRY_PAUSES:
         try:
             answers = ex.runtime.store.batch(ops)
             break
         except StoreUnavailable as exc:
+            budget = ex.runtime.store_timeout() / 2
             if pause is None or time.monotonic() - started + pause > budget:
                 _hand_over(ex, ops, exc)
                 break
@@ -270,9 +292,11 @@ def _deadline(request: Any, policy: TaskPolicy, now: float) -> float | None:
         candidates.append(float(carried))
     elif policy.deadline is not None:
         candidates.append(now + policy.deadline)
-    expires = _parse_expires(getattr(request, "expires", None))
+    expires = getattr(request, "expires", None)
     if expires is not None:
-        candidates.append(expires)
+        at = _parse_expires(expires)
+        if at is not None:
+            candidates.append(at)
     return min(candidates) if candidates else None
 
 

@@ -26,7 +26,7 @@ import enum
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 from ..errors import ClaimLost
@@ -111,10 +111,12 @@ class ClaimHandle:
             raise ClaimLost(f"idempotency claim (token {self.token}) was taken over")
 
 
-@dataclass(slots=True)
 class Outcome:
     """What one execution did: written by the pipeline and by each guard in its own
-    fields, read by the guards' ``end`` and by telemetry. Never raises, never calls."""
+    fields, read by the guards' ``end`` and by telemetry. Never raises, never calls.
+
+    The defaults are the class's: a new record sets only its two containers (made for
+    every call, it costs nothing for the fields no guard writes)."""
 
     body_ran: bool = False
     body_error: BaseException | None = None
@@ -122,7 +124,7 @@ class Outcome:
     #: What the body returned (when it ran and returned).
     value: Any = None
     #: Errors raised inside ``self.downstream(name)``, by id: counted on that breaker.
-    attributed: dict[int, str] = field(default_factory=dict)
+    attributed: dict[int, str]
     #: The decision that answered without the body, if one did.
     stopped_by: Kind | None = None
     # idempotency
@@ -138,7 +140,7 @@ class Outcome:
     consecutive_failures: int = 0
     rejected_by: str | None = None
     breaker_outcome: str | None = None
-    transitions: list[tuple[str, str]] = field(default_factory=list)
+    transitions: list[tuple[str, str]]
     # fallback
     fallback_source: str | None = None
     fallback_age_s: float | None = None
@@ -152,6 +154,13 @@ class Outcome:
     # the end round trip
     end: str | None = None
     end_ms: float | None = None
+
+    def __init__(self) -> None:
+        self.attributed = {}
+        self.transitions = []
+
+    def __repr__(self) -> str:
+        return f"Outcome({vars(self)!r})"
 
     @property
     def degraded(self) -> bool:

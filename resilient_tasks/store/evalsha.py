@@ -47,7 +47,10 @@ from .protocol import (
     Verdict,
 )
 
-__all__ = ["Codec", "Command", "Packer", "Script", "key_of", "load_commands", "script_of", "scripts", "text"]
+__all__ = [
+    "Codec", "Command", "Packer", "Script", "key_of", "load_commands", "pack_all", "script_of", "scripts",
+    "text",
+]  # fmt: skip
 
 Command = tuple[Any, ...]
 
@@ -122,6 +125,13 @@ class Packer:
                 return [_pack_command(plain)]
             except TypeError as exc:
                 raise redis.DataError(str(exc)) from exc
+
+
+def pack_all(commands: Sequence[Command]) -> list[bytes]:
+    """A batch's commands packed by hiredis into one buffer, for redis-py's
+    ``send_packed_command`` (one ``sendall``). The store's own commands hold only
+    ``str``, ``bytes`` and numbers, and start with a one-word name."""
+    return [b"".join(map(_pack_command, commands))]
 
 
 # -- ops as commands, answers as types --------------------------------------------------

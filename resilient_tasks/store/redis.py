@@ -61,7 +61,7 @@ from redis.sentinel import Sentinel
 
 from ..errors import StoreMisconfigured, StoreUnavailable
 from ..keys import owner_id
-from .evalsha import Codec, Command, Packer, key_of, load_commands, script_of, scripts, text
+from .evalsha import Codec, Command, Packer, key_of, load_commands, pack_all, script_of, scripts, text
 from .protocol import BreakerView, Claim, ClaimAnswer, Forget, Op
 from .urls import parse_sentinel_url, password_pieces, redact, secrets_of
 
@@ -510,8 +510,11 @@ class RedisStore:
         that fails half-way is disconnected: never handed back dirty."""
         try:
             for conn, commands in pairs:
-                conn.send_packed_command(conn.pack_commands(commands), check_health=False)
-            return [self._read(conn, len(commands), deadline) for conn, commands in pairs]
+                conn.send_packed_command(pack_all(commands), check_health=False)
+            answers = []
+            for conn, commands in pairs:
+                answers.append(self._read(conn, len(commands), deadline))
+            return answers
         except BaseException:
             for conn, _ in pairs:
                 conn.disconnect()
@@ -535,7 +538,8 @@ class RedisStore:
         started = time.monotonic()
         timeout = self.socket_timeout
         deadline = started + CALL_BUDGET * timeout if timeout else None
-        self._local.deadline = deadline
+        local = self._local
+        local.deadline = deadline
         try:
             if self.cluster:
                 return self._cluster_batch(ops, started, deadline)
@@ -553,12 +557,12 @@ class RedisStore:
             except BaseException:
                 # a failed batch: its connection goes back to the pool now, not when a
                 # traceback that holds this frame is let go
-                self._local.held = None
+                local.held = None
                 raise
         except (RedisError, RedisClusterException) as exc:
             self._fail("failed", exc)
         finally:
-            self._local.deadline = None
+            local.deadline = None
 
     def _held(self, now: float) -> _Held:
         """This thread's connection, taken from the pool again once it is ``HOLD_SECONDS``
@@ -575,24 +579,26 @@ class RedisStore:
         self._local.held = fresh
         return fresh
 
-    def _node_batch(self, conn: Any, ops: Sequence[Op], started: float, deadline: float | None) -> list[Any]:
-        # read after the connection was made (a new one has checked the epoch just now)
-        amnesia = self.amnesia_remaining_ms
-        if amnesia:  # claims fail closed without running; the other ops go on
-            answers: list[Any] = [ClaimAnswer("amnesia", remaining_ms=amnesia) for _ in ops]
-            sent = [i for i, op in enumerate(ops) if type(op) is not Claim]
-            if sent:
-                done = self._node_batch_all(conn, [ops[i] for i in sent], started, deadline)
-                for i, answer in zip(sent, done, strict=True):
-                    answers[i] = answer
-            return answers
-        return self._node_batch_all(conn, ops, started, deadline)
-
-    def _node_batch_all(
-        self, conn: Any, ops: Sequence[Op], started: float, deadline: float | None
+    def _node_batch(
+        self, conn: Any, ops: Sequence[Op], started: float, deadline: float | None, *, gated: bool = False
     ) -> list[Any]:
+        """One node's batch. The amnesia window is read after the connection was made
+        (a new one has checked the epoch just now): claims fail closed without running
+        while it lasts, the other ops go on (``gated``: already sorted out)."""
+        if self._amnesia_until and not gated:
+            amnesia = self.amnesia_remaining_ms
+            if amnesia:
+                answers: list[Any] = [ClaimAnswer("amnesia", remaining_ms=amnesia) for _ in ops]
+                sent = [i for i, op in enumerate(ops) if type(op) is not Claim]
+                if sent:
+                    done = self._node_batch(conn, [ops[i] for i in sent], started, deadline, gated=True)
+                    for i, answer in zip(sent, done, strict=True):
+                        answers[i] = answer
+                return answers
         encode = self._codec.encode
-        commands = [encode[type(op)](op) for op in ops]
+        commands = []
+        for op in ops:
+            commands.append(encode[type(op)](op))
         (raw,) = self._exchange([(conn, commands)], deadline)
         for value in raw:
             if isinstance(value, ResponseError):  # NOSCRIPT included: the rare path
@@ -607,7 +613,7 @@ class RedisStore:
 
                 self._settle(raw, started, again, retry_on=NoScriptError)
                 break
-        return [self._answer(op, value) for op, value in zip(ops, raw, strict=True)]
+        return self._answers(ops, raw)
 
     def _cluster_batch(self, ops: Sequence[Op], started: float, deadline: float | None) -> list[Any]:
         """Ops grouped per node (each op touches one hash slot): one connection per node,
@@ -648,7 +654,7 @@ class RedisStore:
             send(missing, load=True)
 
         self._settle(raw, started, again, retry_on=(NoScriptError, AskError))
-        return [self._answer(op, value) for op, value in zip(ops, raw, strict=True)]
+        return self._answers(ops, raw)
 
     def _settle(
         self,
@@ -671,15 +677,20 @@ class RedisStore:
             if isinstance(answer, ResponseError):
                 raise answer
 
-    def _answer(self, op: Op, value: Any) -> Any:
-        if isinstance(value, ResponseError):
-            if denial(value) is not None:
-                raise self._misconfigured(value)
-            said = redact(str(value), self._secrets)
-            raise StoreUnavailable(
-                f"redis store at {self.where}: script {op.name!r} failed: {type(value).__name__}: {said}"
-            )
-        return self._codec.answer(op, value)
+    def _answers(self, ops: Sequence[Op], raw: list[Any]) -> list[Any]:
+        """Each op's reply as its answer type; an error reply fails the batch."""
+        answer = self._codec.answer
+        answers = []
+        for op, value in zip(ops, raw, strict=True):
+            if isinstance(value, ResponseError):
+                if denial(value) is not None:
+                    raise self._misconfigured(value)
+                said = redact(str(value), self._secrets)
+                raise StoreUnavailable(
+                    f"redis store at {self.where}: script {op.name!r} failed: {type(value).__name__}: {said}"
+                )
+            answers.append(answer(op, value))
+        return answers
 
     def breakers(self) -> list[BreakerView]:
         found = []
