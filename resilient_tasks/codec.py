@@ -18,17 +18,27 @@ log = logging.getLogger(__name__)
 dumps = cast(Callable[[Any], str], kombu_json.JSONEncoder().encode)
 loads = cast(Callable[[str], Any], kombu_json.loads)
 
+#: JSON text of the values that need no encoder (the same text ``dumps`` writes).
+_PLAIN: dict[Any, str] = {None: "null", True: "true", False: "false"}
+
 
 def encode_capped(value: Any, limit: int, what: str, memo: dict[int, str | None] | None = None) -> str | None:
     """``value`` as JSON text, or None (logged) when it is not JSON or over ``limit`` bytes.
 
     ``memo`` (one per call) lets the idempotency record and the fallback cache share one
     encoding of the same result."""
+    text: str | None
     if memo is not None and id(value) in memo:
         text = memo[id(value)]
     else:
+        kind = type(value)
         try:
-            text = str(dumps(value))
+            if kind is int:
+                text = str(value)
+            elif kind is bool or value is None:
+                text = _PLAIN[value]
+            else:
+                text = str(dumps(value))
         except (TypeError, ValueError) as exc:
             log.warning("%s: the value is not JSON-serialisable (%s)", what, exc)
             text = None

@@ -79,9 +79,10 @@ chain_for: PerObject[tuple[type[Guard], ...]] = PerObject(_chain)
 
 
 class Phases(NamedTuple):
-    """Which guards of a chain take part in each phase (their positions in the chain):
-    a guard that keeps ``Guard``'s default for a phase is not called in it."""
+    """A policy's chain, and which of its guards take part in each phase (positions in
+    the chain): a guard that keeps ``Guard``'s default for a phase is not called in it."""
 
+    chain: tuple[type[Guard], ...]
     deciders: tuple[int, ...]
     readers: tuple[int, ...]
     wrappers: tuple[int, ...]
@@ -94,7 +95,7 @@ def _phases(policy: TaskPolicy) -> Phases:
     def taking(phase: str) -> tuple[int, ...]:
         return tuple(i for i, kind in enumerate(chain) if getattr(kind, phase) is not getattr(Guard, phase))
 
-    return Phases(taking("decide"), taking("begin"), taking("around"), taking("end"))
+    return Phases(chain, taking("decide"), taking("begin"), taking("around"), taking("end"))
 
 
 #: The phases of a policy's chain, worked out once.
@@ -105,8 +106,8 @@ def execute(task: Any, runtime: Host, request: Any, args: tuple[Any, ...], kwarg
     """Run ``task``'s body under its policy's guards; what Celery's ``__call__`` returns."""
     policy = runtime.policy_for(task)
     ex = Execution(task, policy, runtime, args, kwargs, request, _deadline(request, policy, runtime.clock()))
-    guards = [kind(ex) for kind in chain_for(policy)]  # type: ignore[call-arg]
     phases = phases_for(policy)
+    guards = [kind(ex) for kind in phases.chain]  # type: ignore[call-arg]
     token = current_execution.set(ex)
     try:
         try:

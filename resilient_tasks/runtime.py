@@ -256,7 +256,8 @@ class Runtime:
     def policy_for(self, task: Any) -> TaskPolicy:
         """The effective policy of ``task`` (a ``ResilientTask``): file layers around the
         code's policy."""
-        self._maybe_reload()
+        if self.policies_path is not None:
+            self._maybe_reload()
         resolved = self._resolved.get(task.name)
         if resolved is None or resolved[0] is not task.policy:
             try:

@@ -24,8 +24,7 @@ from __future__ import annotations
 import contextvars
 import enum
 import functools
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -234,7 +233,6 @@ class Execution:
         "request",
         "result",
         "runtime",
-        "started",
         "task",
     )
 
@@ -254,9 +252,8 @@ class Execution:
         self.args = args
         self.kwargs = kwargs
         self.request = request
-        self.headers: dict[str, Any] = dict(request.headers or {})
+        self.headers: Mapping[str, Any] = request.headers or {}  # (read, never written)
         self.deadline = deadline
-        self.started = time.time()
         self.outcome = Outcome()
         #: The body's claim (``ResilientTask.idempotency``), set by the idempotency guard.
         self.claim: ClaimHandle | None = None

@@ -12,6 +12,7 @@ taken right before the body (``CONFIRM``).
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -104,7 +105,8 @@ class IdempotencyGuard(Guard):
         )
 
     def begin(self, ex: Execution) -> Sequence[Op]:
-        peek = ex.runtime.refusal_hint(ex.policy.downstream) is not None
+        downstream = ex.policy.downstream
+        peek = downstream is not None and ex.runtime.refusal_hint(downstream) is not None
         return [self._claim(ex, peek=peek)]
 
     def decide(self, ex: Execution, answers: Sequence[Any] | None) -> Decision:
@@ -221,7 +223,7 @@ class IdempotencyGuard(Guard):
         complete = Complete(
             self.record, self.owner, self.token, payload, self.ttl_ms, ex.runtime.now_ms(), refresh
         )
-        return [(complete, lambda answer: _completed(ex, self.token, answer))]
+        return [(complete, functools.partial(_completed, ex, self.token))]
 
 
 def _completed(ex: Execution, token: int, answer: CompleteAnswer) -> None:

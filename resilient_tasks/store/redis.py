@@ -61,6 +61,7 @@ from redis.sentinel import Sentinel
 
 from ..errors import StoreMisconfigured, StoreUnavailable
 from ..keys import owner_id
+from ..process import current_pid
 from .evalsha import Codec, Command, Packer, key_of, load_commands, pack_all, script_of, scripts, text
 from .protocol import BreakerView, Claim, ClaimAnswer, Forget, Op
 from .urls import parse_sentinel_url, password_pieces, redact, secrets_of
@@ -214,7 +215,7 @@ class _Held:
 
     def __init__(self, pool: Any, conn: Any, until: float) -> None:
         self.conn = conn
-        self.pid = os.getpid()
+        self.pid = current_pid()
         self.until = until
         weakref.finalize(self, _give_back, pool, conn, self.pid)
 
@@ -569,7 +570,7 @@ class RedisStore:
         old (the pool checks it then) or after a fork."""
         held: _Held | None = getattr(self._local, "held", None)
         if held is not None:
-            if now < held.until and held.pid == os.getpid() and _clean(held.conn):
+            if now < held.until and held.pid == current_pid() and _clean(held.conn):
                 return held
             # the last reference goes: its finalizer gives the connection back now, so
             # the pool hands the same one out again (after its checks), not a new one
