@@ -133,9 +133,12 @@ class BreakerGuard(Guard):
             ok, firsts = self.tally.take()
             if ok:
                 self.flushing = (ok, firsts)
-                return [Record(self.name, self.policy, self.owner, ok=ok, first_attempts=firsts,
-                               now_ms=admit.now_ms), admit]
+                return [self._flush(self.name, self.policy, ok, firsts, admit.now_ms), admit]
         return [admit]
+
+    def _flush(self, name: str, policy: BreakerPolicy, ok: int, firsts: int, now_ms: int) -> Record:
+        """The successes this process counted and has not sent, as one ``Record``."""
+        return Record(name, policy, self.owner, ok=ok, first_attempts=firsts, now_ms=now_ms)
 
     def decide(self, ex: Execution, answers: Sequence[Any] | None) -> Decision:
         name, policy = self.name, self.policy
@@ -213,7 +216,7 @@ class BreakerGuard(Guard):
             if not tally.due(policy.flush_interval):
                 return ()
             ok, firsts = tally.take()
-            flush = Record(name, policy, self.owner, ok=ok, first_attempts=firsts, now_ms=ex.runtime.now_ms())
+            flush = self._flush(name, policy, ok, firsts, ex.runtime.now_ms())
             return [(flush, lambda answer: self._learned(ex, answer))]
         op = record_op(
             name, policy, self.owner, result, probe=probe, first_attempt=first, now_ms=ex.runtime.now_ms()

@@ -258,7 +258,7 @@ class Codec:
         )  # fmt: skip
 
     def cache_get(self, op: CacheGet) -> Command:
-        if not op.serve and op.now_ms:
+        if _plain_peek(op):
             return ("HMGET", f"{self.fb}{{{op.record}}}", *_PEEKED)
         return (
             "EVALSHA", self.sha["cache_get"], 1, f"{self.fb}{{{op.record}}}", int(op.now_ms),
@@ -275,9 +275,15 @@ class Codec:
 
     def answer(self, op: Any, raw: Any) -> Any:
         """The reply to ``op``'s command as ``op``'s answer type."""
-        if type(op) is CacheGet and not op.serve and op.now_ms:
+        if type(op) is CacheGet and _plain_peek(op):
             return _peeked(raw, op.now_ms)
         return self.decode[type(op)](raw)
+
+
+def _plain_peek(op: CacheGet) -> bool:
+    """A peek with the caller's clock: a plain ``HMGET``, read here as the script would
+    answer it (a serve, or a peek on the server's clock, runs ``cache_get.lua``)."""
+    return not op.serve and bool(op.now_ms)
 
 
 #: The fields a peek reads (as ``cache_get.lua`` does).

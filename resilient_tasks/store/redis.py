@@ -1,8 +1,8 @@
 """``RedisStore``: the store's operations as Lua scripts, through redis-py's public API.
 
-One script per operation (``lua/``), sent as ``EVALSHA``; a ``batch`` writes every
-op's command on one pooled connection with ``pack_commands``/``send_packed_command`` and
-reads the answers with ``read_response``: one round trip (measured cheaper than a
+One script per operation (``lua/``), sent as ``EVALSHA``; a ``batch`` packs every op's
+command with hiredis into one buffer, writes it on one connection with
+``send_packed_command`` and reads the answers with ``read_response``: one round trip (measured cheaper than a
 ``Pipeline``, which builds a command stack and annotates errors). redis-py owns sockets,
 parsing (hiredis), TLS, ACL, Sentinel and Cluster.
 
