@@ -11,6 +11,9 @@ task's Python and C in user space, not as time.
 
     python -m benchmarks.instructions            # needs valgrind
     python -m benchmarks.instructions --variants plain,idempotency --calls 2000
+    python -m benchmarks.instructions --variants redis_trip,client_trip,store_trip
+
+The ``*_trip`` variants are round trips alone, no task (``TRIPS``).
 """
 
 from __future__ import annotations
@@ -26,13 +29,49 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 VARIANTS = ("plain", "idempotency", "breaker", "all_guards")
+#: Round trips alone, no task: redis-py's part of a trip and the store's. ``redis_trip``:
+#: one EVALSHA written and read on a connection kept between trips, through redis-py's
+#: public connection API (hiredis packing and parsing), the least any trip costs;
+#: ``client_trip``: the same through ``Redis.evalsha`` (a pool check-out per call);
+#: ``store_trip``: ``RedisStore.batch`` of one ``claim`` (ours: codec, answer types).
+TRIPS = ("redis_trip", "client_trip", "store_trip")
 WARMUP = 300
+
+
+def trips(variant: str, calls: int, port: int) -> None:
+    """``calls`` round trips of ``variant`` (one of ``TRIPS``) after the warm-up."""
+    import hiredis
+    import redis
+
+    from resilient_tasks.store.protocol import Claim
+    from resilient_tasks.store.redis import RedisStore
+
+    first = int.from_bytes(os.urandom(4), "big") * 100_000
+    keys = range(first, first + WARMUP + calls)
+    if variant == "store_trip":
+        store = RedisStore(f"redis://127.0.0.1:{port}/1")
+        for n in keys:
+            store.batch([Claim(f"{n:x}", "owner", 60_000, 60_000)])
+        return
+    client = redis.Redis(port=port, db=1)
+    sha = client.script_load("return redis.call('SET', KEYS[1], ARGV[1], 'PX', 60000)")
+    if variant == "client_trip":
+        for n in keys:
+            client.evalsha(sha, 1, f"bench:{n:x}", "1")
+        return
+    conn = client.connection_pool.get_connection()
+    for n in keys:
+        conn.send_packed_command([hiredis.pack_command(("EVALSHA", sha, 1, f"bench:{n:x}", "1"))])
+        conn.read_response()
 
 
 def child(variant: str, calls: int, port: int, proxy: bool = False) -> None:
     """Run ``calls`` calls of ``variant`` after the warm-up (under valgrind). ``proxy``:
     trace the proxy ``app.task`` returns, as this benchmark did before 2026-12-03 (its
     figures are about 38k higher for every variant)."""
+    if variant in TRIPS:
+        trips(variant, calls, port)
+        return
     from celery import Celery
     from celery.app.trace import build_tracer
 
