@@ -131,7 +131,10 @@ def pack_all(commands: Sequence[Command]) -> list[bytes]:
     """A batch's commands packed by hiredis into one buffer, for redis-py's
     ``send_packed_command`` (one ``sendall``). The store's own commands hold only
     ``str``, ``bytes`` and numbers, and start with a one-word name."""
-    return [b"".join(map(_pack_command, commands))]
+    try:
+        return [b"".join(map(_pack_command, commands))]
+    except TypeError as exc:  # a value hiredis cannot write: the batch fails as redis-py's would
+        raise redis.DataError(f"a store command could not be packed: {exc}") from exc
 
 
 # -- ops as commands, answers as types --------------------------------------------------

@@ -502,6 +502,19 @@ def test_sentinel_urls_are_parsed() -> None:
         RedisStore("sentinel://127.0.0.1:1/0")
 
 
+def test_a_value_that_cannot_be_packed_fails_its_batch_as_the_store_being_unavailable(
+    rt_redis_flushed: RedisServer,
+) -> None:
+    """The guards handle ``StoreUnavailable`` (fail open, defer): a bad value must reach
+    them as one, and the connection must stay usable."""
+    store = RedisStore(rt_redis_flushed.url(1))
+    bad: Any = object()
+    with pytest.raises(StoreUnavailable, match="could not be packed"):
+        store.batch([Claim("r", "o", 1000, 60_000, task_id=bad)])
+    assert store.batch([claim_op("after-bad")]) == [ClaimAnswer("claimed", 1)]
+    store.close()
+
+
 # -- store amnesia -----------------------------------------------------------------------------
 
 
