@@ -30,8 +30,10 @@ $(VENV)/.installed-dev: pyproject.toml Makefile | $(VENV)/bin/python
 demo: $(VENV)/.installed-demo
 	$(VENV)/bin/python -m examples.demo $(DEMO_ARGS)
 
+# Two test processes, a file each at a time (module fixtures stay whole): most tests wait
+# on real servers and workers, so two halve the wall time even on two cores.
 test: $(DEV_TOOLS)
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile
 
 lint: $(DEV_TOOLS)
 	$(PYTHON) -m ruff check .

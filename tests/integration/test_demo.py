@@ -23,6 +23,7 @@ SHORT = ["--healthy", "4", "--outage", "9", "--recovery", "7", "--maintenance", 
 
 def test_the_demo_tells_the_outage_story_and_its_checks_pass(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "RESILIENT_TASKS_POLICIES")}
+    env["COLUMNS"] = "160"  # wide enough that no line the checks read is wrapped, whoever runs it
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, "-m", "examples.demo", *SHORT, "--logs", str(tmp_path)],
