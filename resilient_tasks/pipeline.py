@@ -74,10 +74,6 @@ def _chain(policy: TaskPolicy) -> tuple[type[Guard], ...]:
     return tuple(chain)
 
 
-#: The chain of a policy object, built once.
-chain_for: PerObject[tuple[type[Guard], ...]] = PerObject(_chain)
-
-
 class Phases(NamedTuple):
     """A policy's chain, and which of its guards take part in each phase (positions in
     the chain): a guard that keeps ``Guard``'s default for a phase is not called in it."""
@@ -90,7 +86,7 @@ class Phases(NamedTuple):
 
 
 def _phases(policy: TaskPolicy) -> Phases:
-    chain = chain_for(policy)
+    chain = _chain(policy)
 
     def taking(phase: str) -> tuple[int, ...]:
         return tuple(i for i, kind in enumerate(chain) if getattr(kind, phase) is not getattr(Guard, phase))
@@ -100,6 +96,11 @@ def _phases(policy: TaskPolicy) -> Phases:
 
 #: The phases of a policy's chain, worked out once.
 phases_for: PerObject[Phases] = PerObject(_phases)
+
+
+def chain_for(policy: TaskPolicy) -> tuple[type[Guard], ...]:
+    """The chain for a policy (built once, with its phases)."""
+    return phases_for(policy).chain
 
 
 def execute(task: Any, runtime: Host, request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

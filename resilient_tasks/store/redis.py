@@ -2,9 +2,9 @@
 
 One script per operation (``lua/``), sent as ``EVALSHA``; a ``batch`` packs every op's
 command with hiredis into one buffer, writes it on one connection with
-``send_packed_command`` and reads the answers with ``read_response``: one round trip (measured cheaper than a
-``Pipeline``, which builds a command stack and annotates errors). redis-py owns sockets,
-parsing (hiredis), TLS, ACL, Sentinel and Cluster.
+``send_packed_command`` and reads the answers with ``read_response``: one round trip
+(measured cheaper than a ``Pipeline``, which builds a command stack and annotates
+errors). redis-py owns sockets, parsing (hiredis), TLS, ACL, Sentinel and Cluster.
 
 - NOSCRIPT (a ``SCRIPT FLUSH``): the scripts are loaded and only the ops that answered
   NOSCRIPT are sent again, on the same connection in the same trip as the loads; they
