@@ -218,7 +218,7 @@ class IdempotencyGuard(Guard):
             outcome.result_stored = False
             payload = "null"  # too big to replay: the job is done, a duplicate gets null
         # The record lives lease + ttl from its claim: in the first half of the lease, at
-        # least ttl is left and the completion need not set the expiry (one command less).
+        # least ttl is left and the completion keeps its expiry (SET KEEPTTL).
         refresh = time.monotonic() - self.claimed_at > self.lease_s / 2
         complete = Complete(
             self.record, self.owner, self.token, payload, self.ttl_ms, ex.runtime.now_ms(), refresh

@@ -48,8 +48,8 @@ from .protocol import (
 )
 
 __all__ = [
-    "Codec", "Command", "Packer", "Script", "key_of", "load_commands", "pack_all", "script_of", "scripts",
-    "text",
+    "RECORD_FIELDS", "Codec", "Command", "Packer", "Script", "key_of", "load_commands", "pack_all",
+    "parse_record", "script_of", "scripts", "text",
 ]  # fmt: skip
 
 Command = tuple[Any, ...]
@@ -63,15 +63,26 @@ class Script(NamedTuple):
     sha: str
 
 
+INCLUDE = "--@include "
+
+
 @functools.cache
 def scripts() -> dict[str, Script]:
-    """Every ``lua/*.lua`` behind the shared ``_prelude.lua``, with its SHA-1."""
+    """Every ``lua/*.lua`` behind the shared ``_prelude.lua``, with its SHA-1.
+
+    A line ``--@include _name.lua`` is replaced by that file: helpers only some
+    scripts use (the idempotency record's format) are not defined in every script."""
     folder = resources.files(__package__).joinpath("lua")
-    prelude = folder.joinpath("_prelude.lua").read_text(encoding="utf-8")
+
+    def read(name: str) -> str:
+        lines = folder.joinpath(name).read_text(encoding="utf-8").splitlines(keepends=True)
+        return "".join(read(ln[len(INCLUDE) :].strip()) if ln.startswith(INCLUDE) else ln for ln in lines)
+
+    prelude = read("_prelude.lua")
     found = {}
     for entry in folder.iterdir():
         if entry.name.endswith(".lua") and not entry.name.startswith("_"):
-            source = prelude + entry.read_text(encoding="utf-8")
+            source = prelude + read(entry.name)
             found[entry.name.removesuffix(".lua")] = Script(source, hashlib.sha1(source.encode()).hexdigest())
     return found
 
@@ -94,6 +105,21 @@ def script_of(command: Command) -> str:
 def key_of(command: Command) -> str:
     """The one key a command touches (an ``EVALSHA`` of one key, or a plain read)."""
     return str(command[3] if command[0] == "EVALSHA" else command[1])
+
+
+#: The fields of an idempotency record, in the order its string keeps them
+#: (``lua/_record.lua``): newline-joined, the result last.
+RECORD_FIELDS = ("state", "token", "owner", "life", "fp", "task_id", "result")
+
+
+def parse_record(raw: bytes | str | None) -> dict[str, str] | None:
+    """The fields of an idempotency record as ``GET`` returns it (operators' reads, tests)."""
+    if raw is None:
+        return None
+    parts = text(raw).split("\n", len(RECORD_FIELDS) - 1)
+    if len(parts) != len(RECORD_FIELDS):
+        raise ValueError(f"not an idempotency record: {text(raw)[:80]!r}")
+    return dict(zip(RECORD_FIELDS, parts, strict=True))
 
 
 # -- packing ----------------------------------------------------------------------------
@@ -205,7 +231,8 @@ class Codec:
     def claim(self, op: Claim) -> Command:
         return (
             "EVALSHA", self.sha["claim"], 1, f"{self.idem}{{{op.record}}}", op.owner, int(op.lease_ms),
-            int(op.ttl_ms), op.fingerprint, op.task_id, int(op.now_ms), op.handoff, "1" if op.peek else "",
+            int(op.ttl_ms), op.fingerprint, op.task_id.replace("\n", " "), int(op.now_ms), op.handoff,
+            "1" if op.peek else "",
         )  # fmt: skip
 
     def complete(self, op: Complete) -> Command:

@@ -120,7 +120,7 @@ class Complete:
 
     A claim's record lives its lease plus ``ttl_ms``; ``refresh`` sets it to live
     ``ttl_ms`` from now (needed only when the execution ran past half its lease:
-    otherwise at least ``ttl_ms`` is left, and the write is one command less). (``now_ms``
+    otherwise at least ``ttl_ms`` is left, and the write keeps the expiry). (``now_ms``
     is accepted but unused: nothing a completion stores depends on the clock.)"""
 
     name: ClassVar[str] = "complete"

@@ -62,8 +62,19 @@ from redis.sentinel import Sentinel
 from ..errors import StoreMisconfigured, StoreUnavailable
 from ..keys import owner_id
 from ..process import current_pid
-from .evalsha import Codec, Command, Packer, key_of, load_commands, pack_all, script_of, scripts, text
-from .protocol import BreakerView, Claim, ClaimAnswer, Forget, Op
+from .evalsha import (
+    Codec,
+    Command,
+    Packer,
+    key_of,
+    load_commands,
+    pack_all,
+    parse_record,
+    script_of,
+    scripts,
+    text,
+)
+from .protocol import BreakerView, Claim, ClaimAnswer, Complete, Forget, Op
 from .urls import parse_sentinel_url, password_pieces, redact, secrets_of
 
 __all__ = ["RedisStore"]
@@ -715,6 +726,17 @@ class RedisStore:
         """The Redis key of an idempotency record (tests and operators' reads)."""
         return f"{self._codec.idem}{{{record}}}"
 
+    def idempotency_record(self, record: str) -> dict[str, str] | None:
+        """The fields of an idempotency record (``RECORD_FIELDS``), None when there is none;
+        a hash an earlier release wrote is read as its fields."""
+        key = self.idempotency_key(record)
+        try:
+            if text(self._client.type(key)) == "hash":
+                return {text(k): text(v) for k, v in self._client.hgetall(key).items()}
+            return parse_record(self._client.get(key))
+        except (RedisError, RedisClusterException) as exc:
+            self._fail("could not read an idempotency record", exc)
+
     def fallback_key(self, record: str) -> str:
         """The Redis key of a fallback entry."""
         return f"{self._codec.fb}{{{record}}}"
@@ -769,15 +791,19 @@ class RedisStore:
     def check(self) -> None:
         """Everything a worker needs from the store, asked before it starts: connect
         (AUTH, SELECT, the epoch check), load every script, read the server's ``TIME``
-        and run a script on our prefix that writes (a claim of a record of its own,
-        forgotten in the same trip). Raises ``StoreMisconfigured`` when the store refuses
-        us (password, ACL: the message names the right missing), ``StoreUnavailable``
-        when it cannot be reached."""
+        and run the idempotency scripts on our prefix (a claim of a record of its own,
+        completed and forgotten in the same trip: every command they call). Raises
+        ``StoreMisconfigured`` when the store refuses us (password, ACL: the message names
+        the right missing), ``StoreUnavailable`` when it cannot be reached."""
         self._load_scripts()
         self.now_ms()
         owner = owner_id()
         record = f"start-check:{owner}"
-        self.batch([Claim(record, owner, 1000, 1000, task_id="start-check"), Forget(record)])
+        self.batch([
+            Claim(record, owner, 1000, 1000, task_id="start-check"),
+            Complete(record, owner, 1, "null", 1000),
+            Forget(record),
+        ])  # fmt: skip
 
     def check_eviction(self) -> str | None:
         """Warn when Redis may evict our records to make room.

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 from celery import Celery
 
+from resilient_tasks.store.evalsha import parse_record
 from resilient_tasks.testing import RedisServer, SubprocessWorker, wait_until
 
 pytestmark = pytest.mark.chaos
@@ -46,7 +47,7 @@ def in_flight_records(server: RedisServer) -> int:
         return sum(
             1
             for key in client.scan_iter("rt:idem:*", count=1000)
-            if client.hget(key, "state") == b"in_flight"
+            if (parse_record(client.get(key)) or {}).get("state") == "in_flight"
         )
     finally:
         client.close()
@@ -118,10 +119,11 @@ def test_stale_owner_is_fenced_by_token_and_refused_by_the_store(
         wait_until(lambda: ledger.hget("stale", "job-x"), timeout=30, what="owner's stale write")
         store = rt_redis_flushed.client(1)
         (record,) = list(store.scan_iter("rt:idem:*"))
-        wait_until(lambda: store.hget(record, "state") == b"done", timeout=10, what="record done")
+        wait_until(lambda: (parse_record(store.get(record)) or {}).get("state") == "done", timeout=10, what="record done")
         time.sleep(1.0)  # give the owner time to try (and fail) to complete
-        assert store.hget(record, "token") == b"2"
-        assert store.hget(record, "result") == b'"applied"', "the owner's completion was refused"
+        fields = parse_record(store.get(record))
+        assert fields is not None and fields["token"] == "2"
+        assert fields["result"] == '"applied"', "the owner's completion was refused"
     finally:
         owner.signal(signal.SIGCONT)
         owner.stop()

@@ -36,6 +36,7 @@ from celery.exceptions import TimeoutError as ResultTimeout
 from celery.result import AsyncResult
 
 from resilient_tasks import ClaimLost
+from resilient_tasks.store.evalsha import parse_record
 from resilient_tasks.testing import RedisServer, SentinelServers, SubprocessWorker
 
 pytestmark = pytest.mark.chaos
@@ -249,10 +250,10 @@ def test_no_job_lost_and_dedup_resumes_on_the_new_master(
         assert len(tokens) == 1, f"{job}: the copies and the republish all replay one result"
     master = redis.Redis(host=new[0], port=new[1], db=1, socket_timeout=5)
     try:
-        states = {job: master.hget(f"rt:idem:{{{records[job]}}}", "state") for job in jobs}
+        states = {job: (parse_record(master.get(f"rt:idem:{{{records[job]}}}")) or {}).get("state") for job in jobs}
     finally:
         master.close()
-    not_done = [job for job, state in states.items() if state != b"done"]
+    not_done = [job for job, state in states.items() if state != "done"]
     assert not not_done, f"the new master lacks finished records for {len(not_done)} jobs: {not_done[:5]}"
     if kill:
         assert failures, "the master was gone until the sentinels agreed: some batches failed"

@@ -130,8 +130,7 @@ def test_open_close_reset_and_forget(env: dict[str, str], rt_redis_flushed: Redi
 
     s = RedisStore(env["RESILIENT_TASKS_REDIS_URL"])
     record = s.idempotency_key(digest("chaos.apply_once", '["job-7"]'))
-    s.client.hset(record, "state", "done")
-    s.client.expire(record, 60)
+    s.client.set(record, "done\n1\nsomeone\n60000\n\njob-7\n7", px=60_000)
     # this app registers no chaos.apply_once: refused, the record stays (test_cli_operator.py
     # forgets the records of an app's own tasks)
     refused = cli(env, "forget", '["job-7"]', "--task", "chaos.apply_once", "--yes", check=False)

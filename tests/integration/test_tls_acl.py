@@ -23,7 +23,7 @@ ACL_RULES = [
     "on", ">s3cret-pw", "resetkeys", "~rt:*", "resetchannels", "-@all",
     "+@connection", "+evalsha", "+script|load", "+time", "+scan", "+hgetall",
     # commands our Lua scripts call (Redis checks them against the caller's ACL)
-    "+hmget", "+hget", "+hset", "+hdel", "+hincrby", "+hkeys", "+hexists",
+    "+get", "+hmget", "+hget", "+hset", "+hdel", "+hincrby", "+hkeys", "+hexists",
     "+pexpire", "+pttl", "+exists", "+del", "+set",
 ]
 

@@ -30,6 +30,8 @@ from resilient_tasks.store.protocol import (
     Complete,
     CompleteAnswer,
     Record,
+    Release,
+    Renew,
 )
 from resilient_tasks.store.redis import RedisStore
 from resilient_tasks.store.urls import parse_sentinel_url, redact
@@ -145,9 +147,68 @@ def test_any_other_error_answer_fails_the_batch(rt_redis_flushed: RedisServer) -
         admin.config_set("maxmemory", "0")
         admin.close()
     store = RedisStore(rt_redis_flushed.url(1))
-    rt_redis_flushed.client(1).set("rt:idem:{wrongtype}", "a string, not a hash")
+    rt_redis_flushed.client(1).rpush("rt:idem:{wrongtype}", "a list, not a record")
     with pytest.raises(StoreUnavailable, match="script 'claim' failed: .*WRONGTYPE"):
         store.batch([claim_op("ok"), claim_op("wrongtype")])
+    rt_redis_flushed.client(1).set("rt:idem:{foreign}", "a string, not a record")
+    with pytest.raises(StoreUnavailable, match="script 'claim' failed: .*not an idempotency record"):
+        store.batch([claim_op("foreign")])
+    assert rt_redis_flushed.client(1).get("rt:idem:{foreign}") == b"a string, not a record", "left as found"
+    store.close()
+
+
+def test_records_an_earlier_release_kept_as_hashes_are_read_then_replaced(rt_redis_flushed: RedisServer) -> None:
+    """A rolling upgrade meets records written as hashes (before a record was one string):
+    claims read them as before, a claim that takes one writes a string in its place, and
+    a completion, renewal or release of a hash is refused (it cannot be this release's)."""
+    store = RedisStore(rt_redis_flushed.url(1))
+    admin = rt_redis_flushed.client(1)
+
+    def old_record(name: str, ms: int, **fields: Any) -> None:
+        admin.hset(store.idempotency_key(name), mapping={"owner": "old", "task_id": "t", **fields})
+        admin.pexpire(store.idempotency_key(name), ms)
+
+    old_record("done", 60_000, state="done", token=3, fp="", life=60_000, result='"r"')
+    old_record("busy", 90_000, state="in_flight", token=2, fp="ab", life=60_000)  # 30 s of lease left
+    old_record("stale", 60_000, state="in_flight", token=5, fp="", lease_until=1)  # an older lease, ended
+    old_record("released", 60_000, state="released", token=4, fp="", life=60_000)
+    done, busy, other, stale, released = store.batch([
+        Claim("done", "new", 1000, 60_000),
+        Claim("busy", "new", 1000, 60_000, fingerprint="ab"),
+        Claim("busy", "new", 1000, 60_000, fingerprint="cd"),
+        Claim("stale", "new", 1000, 60_000),
+        Claim("released", "new", 1000, 60_000),
+    ])  # fmt: skip
+    assert done == ClaimAnswer("done", 3, '"r"')
+    assert busy.verdict == "in_flight" and busy.token == 2 and 25_000 < busy.remaining_ms <= 30_000
+    assert other == ClaimAnswer("conflict", 2)
+    assert (stale, released) == (ClaimAnswer("claimed", 6), ClaimAnswer("claimed", 5)), "tokens go on"
+    assert admin.type(store.idempotency_key("stale")) == b"string"
+    assert store.idempotency_record("stale") == {
+        "state": "in_flight", "token": "6", "owner": "new", "life": "60000", "fp": "", "task_id": "", "result": "",
+    }  # fmt: skip
+    assert store.batch([
+        Complete("busy", "old", 2, '"x"', 60_000), Renew("busy", "old", 2, 1000, 60_000), Release("busy", "old", 2, 60_000),
+    ]) == [CompleteAnswer(False, "in_flight"), False, False]  # fmt: skip
+    assert store.idempotency_record("done") == {
+        "owner": "old", "task_id": "t", "state": "done", "token": "3", "fp": "", "life": "60000", "result": '"r"',
+    }  # fmt: skip
+    (handed,) = store.batch([Claim("busy", "retry", 1000, 60_000, fingerprint="ab", handoff="old")])
+    assert handed == ClaimAnswer("claimed", 3), "a retry of the old owner's execution continues it"
+    store.close()
+    admin.close()
+
+
+def test_a_record_keeps_a_task_id_with_newlines_and_a_result_with_them(rt_redis_flushed: RedisServer) -> None:
+    """Fields are newline-joined with the result last: a task id loses its newlines, a
+    result keeps whatever it holds."""
+    store = RedisStore(rt_redis_flushed.url(1))
+    assert store.batch([Claim("nl", "a", 1000, 60_000, "fp", task_id="x\ny")]) == [ClaimAnswer("claimed", 1)]
+    assert store.batch([Complete("nl", "a", 1, '"a"\n"b"', 60_000, refresh=False)]) == [CompleteAnswer(True)]
+    assert store.idempotency_record("nl") == {
+        "state": "done", "token": "1", "owner": "a", "life": "60000", "fp": "fp", "task_id": "x y", "result": '"a"\n"b"',
+    }  # fmt: skip
+    assert store.batch([Claim("nl", "b", 1000, 60_000, "fp")]) == [ClaimAnswer("done", 1, '"a"\n"b"')]
     store.close()
 
 
@@ -351,7 +412,7 @@ def test_a_forked_child_opens_its_own_connections(rt_redis_flushed: RedisServer)
 ACL_RULES = [
     "on", ">s3cret-pw", "resetkeys", "~rt:*", "resetchannels", "-@all",
     "+@connection", "+evalsha", "+script|load", "+time", "+scan", "+hgetall",
-    "+hmget", "+hget", "+hset", "+hdel", "+hincrby", "+hkeys", "+hexists",
+    "+get", "+hmget", "+hget", "+hset", "+hdel", "+hincrby", "+hkeys", "+hexists",
     "+pexpire", "+pttl", "+exists", "+del", "+set",
 ]  # fmt: skip
 
@@ -510,7 +571,7 @@ def test_a_value_that_cannot_be_packed_fails_its_batch_as_the_store_being_unavai
     store = RedisStore(rt_redis_flushed.url(1))
     bad: Any = object()
     with pytest.raises(StoreUnavailable, match="could not be packed"):
-        store.batch([Claim("r", "o", 1000, 60_000, task_id=bad)])
+        store.batch([Claim("r", "o", 1000, 60_000, fingerprint=bad)])
     assert store.batch([claim_op("after-bad")]) == [ClaimAnswer("claimed", 1)]
     store.close()
 

@@ -85,7 +85,7 @@ def _through_a_failover(
         stream.stop.set()
         thread.join()
     master = redis.Redis(host=new[0], port=new[1], db=1)
-    kept = {r: master.hget(f"rt:idem:{{{r}}}", "state") == b"done" for r, _ in stream.acked}
+    kept = {r: (master.get(f"rt:idem:{{{r}}}") or b"").startswith(b"done\n") for r, _ in stream.acked}
     master.close()
     outage = [at for at in stream.failures if at >= started]
     # the first batch after the failover (and after the last failed one) from which every

@@ -1,5 +1,6 @@
+--@include _record.lua
 -- claim: take the idempotency record for one execution, or say why not.
--- KEYS[1] record hash
+-- KEYS[1] record (a string, see _record.lua)
 -- ARGV: owner, lease_ms, ttl_ms, fingerprint ('' = none), task_id, now_ms (0 = server TIME;
 --       read only for a record written before leases were expiries, see below),
 --       handoff ('' or the owner id of the execution this retry continues),
@@ -11,24 +12,29 @@
 -- 'life', so the lease left is PTTL - life. Redis's expiry clock is the fleet's one
 -- clock, and taking a record asks no clock at all.
 local key = KEYS[1]
-local rec = redis.call('HMGET', key, 'state', 'fp', 'token', 'result', 'owner', 'life', 'lease_until')
-local state, fp, token = rec[1], rec[2], tonumber(rec[3]) or 0
 local mine = ARGV[4]
-if state == 'done' or state == 'in_flight' then
-  if mine ~= '' and fp and fp ~= '' and fp ~= mine then
+local px = tonumber(ARGV[2]) + tonumber(ARGV[3])
+local tail = ARGV[3] .. '\n' .. mine .. '\n' .. ARGV[5] .. '\n'
+-- the usual path: no record yet, one command takes it
+if ARGV[8] ~= '1' and redis.call('SET', key, record_head('in_flight', 1, ARGV[1]) .. tail, 'NX', 'PX', px) then
+  return {'claimed', 1}
+end
+local rec = read_record(key)
+local token = rec and rec.token or 0
+if rec and (rec.state == 'done' or rec.state == 'in_flight') then
+  if mine ~= '' and rec.fp ~= '' and rec.fp ~= mine then
     return {'conflict', token}
   end
-  if state == 'done' then
-    return {'done', token, rec[4]}
+  if rec.state == 'done' then
+    return {'done', token, rec.result}
   end
   local remaining
-  local life = tonumber(rec[6])
-  if life then
-    remaining = redis.call('PTTL', key) - life
+  if rec.life then
+    remaining = redis.call('PTTL', key) - rec.life
   else -- written by an earlier release, which kept the lease's end on the server's clock
-    remaining = (tonumber(rec[7]) or 0) - clock_ms(ARGV[6])
+    remaining = (rec.lease_until or 0) - clock_ms(ARGV[6])
   end
-  if remaining > 0 and not (ARGV[7] ~= '' and rec[5] == ARGV[7]) then
+  if remaining > 0 and not (ARGV[7] ~= '' and rec.owner == ARGV[7]) then
     return {'in_flight', token, remaining}
   end
 end
@@ -37,10 +43,5 @@ if ARGV[8] == '1' then
   return {'free', token}
 end
 token = token + 1 -- the script runs alone: read, add, write is one step
-redis.call('HSET', key, 'token', token, 'state', 'in_flight', 'owner', ARGV[1], 'fp', mine,
-           'life', ARGV[3], 'task_id', ARGV[5])
-if rec[4] or rec[7] then -- a result is only ever beside a 'done' record (never taken)
-  redis.call('HDEL', key, 'result', 'lease_until')
-end
-redis.call('PEXPIRE', key, tonumber(ARGV[2]) + tonumber(ARGV[3]))
+redis.call('SET', key, record_head('in_flight', token, ARGV[1]) .. tail, 'PX', px)
 return {'claimed', token}
