@@ -1,11 +1,11 @@
 """The store's operations as ``EVALSHA`` commands, and their answers as typed values.
 
-One Lua script per operation lives in ``lua/`` behind a shared ``_prelude.lua``;
-``Codec`` turns each op into the command that runs its script (keys under the store's
-prefix, one hash tag each) and each reply back into the op's answer type. One op needs
-no script: a peek at a fallback entry with the caller's clock is a plain ``HMGET``
-(a read changes nothing, and one command is cheaper than a script that runs it), read
-here as ``cache_get.lua`` would answer it. ``Packer``
+One Lua script per operation lives in ``lua/``, with the helpers it needs included
+(``_prelude.lua``, ``_record.lua``); ``Codec`` turns each op into the command that runs
+its script (keys under the store's prefix, one hash tag each) and each reply back into
+the op's answer type. One op needs no script: a peek at a fallback entry with the
+caller's clock is a plain ``HMGET`` (a read changes nothing, and one command is cheaper
+than a script that runs it), read here as ``cache_get.lua`` would answer it. ``Packer``
 hands the commands to hiredis through redis-py's ``command_packer`` hook.
 """
 
@@ -68,21 +68,21 @@ INCLUDE = "--@include "
 
 @functools.cache
 def scripts() -> dict[str, Script]:
-    """Every ``lua/*.lua`` behind the shared ``_prelude.lua``, with its SHA-1.
+    """Every ``lua/*.lua`` (not ``_*.lua``), with its SHA-1.
 
-    A line ``--@include _name.lua`` is replaced by that file: helpers only some
-    scripts use (the idempotency record's format) are not defined in every script."""
+    A line ``--@include _name.lua`` is replaced by that file. A script includes the
+    helpers it uses where it needs them: Lua defines a chunk's local functions each time
+    it runs, so the idempotency scripts include theirs after their usual path returns."""
     folder = resources.files(__package__).joinpath("lua")
 
     def read(name: str) -> str:
         lines = folder.joinpath(name).read_text(encoding="utf-8").splitlines(keepends=True)
         return "".join(read(ln[len(INCLUDE) :].strip()) if ln.startswith(INCLUDE) else ln for ln in lines)
 
-    prelude = read("_prelude.lua")
     found = {}
     for entry in folder.iterdir():
         if entry.name.endswith(".lua") and not entry.name.startswith("_"):
-            source = prelude + read(entry.name)
+            source = read(entry.name)
             found[entry.name.removesuffix(".lua")] = Script(source, hashlib.sha1(source.encode()).hexdigest())
     return found
 
@@ -229,28 +229,38 @@ class Codec:
         return f"{self.brk}{{{_breaker_tag(name)}}}"
 
     def claim(self, op: Claim) -> Command:
-        return (
-            "EVALSHA", self.sha["claim"], 1, f"{self.idem}{{{op.record}}}", op.owner, int(op.lease_ms),
-            int(op.ttl_ms), op.fingerprint, op.task_id.replace("\n", " "), int(op.now_ms), op.handoff,
-            "1" if op.peek else "",
-        )  # fmt: skip
+        # The record a fresh claim writes is made here, so the script's usual path is
+        # one SET NX PX of it (see lua/_record.lua); arguments it does not need are left off.
+        ttl = int(op.ttl_ms)
+        task_id = op.task_id if "\n" not in op.task_id else op.task_id.replace("\n", " ")
+        fresh = f"in_flight\n1\n{op.owner}\n{ttl}\n{op.fingerprint}\n{task_id}\n"
+        key = f"{self.idem}{{{op.record}}}"
+        command: Command = ("EVALSHA", self.sha["claim"], 1, key, fresh, int(op.lease_ms) + ttl)
+        if op.now_ms:
+            return (*command, op.handoff, "1" if op.peek else "", int(op.now_ms))
+        if op.peek:
+            return (*command, op.handoff, "1")
+        if op.handoff:
+            return (*command, op.handoff)
+        return command
 
     def complete(self, op: Complete) -> Command:
-        return (
-            "EVALSHA", self.sha["complete"], 1, f"{self.idem}{{{op.record}}}", op.owner, int(op.token),
-            op.result, int(op.ttl_ms), "1" if op.refresh else "",
-        )  # fmt: skip
+        head = f"in_flight\n{int(op.token)}\n{op.owner}\n"
+        key = f"{self.idem}{{{op.record}}}"
+        if op.refresh:
+            return ("EVALSHA", self.sha["complete"], 1, key, head, op.result, int(op.ttl_ms))
+        return ("EVALSHA", self.sha["complete"], 1, key, head, op.result)
 
     def release(self, op: Release) -> Command:
         return (
-            "EVALSHA", self.sha["release"], 1, f"{self.idem}{{{op.record}}}", op.owner, int(op.token),
-            int(op.ttl_ms),
+            "EVALSHA", self.sha["release"], 1, f"{self.idem}{{{op.record}}}",
+            f"in_flight\n{int(op.token)}\n{op.owner}\n", int(op.ttl_ms),
         )  # fmt: skip
 
     def renew(self, op: Renew) -> Command:
         return (
-            "EVALSHA", self.sha["renew"], 1, f"{self.idem}{{{op.record}}}", op.owner, int(op.token),
-            int(op.lease_ms), int(op.ttl_ms), int(op.now_ms),
+            "EVALSHA", self.sha["renew"], 1, f"{self.idem}{{{op.record}}}",
+            f"in_flight\n{int(op.token)}\n{op.owner}\n", int(op.lease_ms),
         )  # fmt: skip
 
     def forget(self, op: Forget) -> Command:
@@ -337,6 +347,8 @@ def _peeked(raw: Any, now: int) -> CacheEntry:
 
 
 def _claim_answer(raw: Any) -> ClaimAnswer:
+    if type(raw) is int:  # the token of a claim taken
+        return ClaimAnswer("claimed", raw)
     verdict = _CLAIM_VERDICTS[raw[0]]
     if verdict == "done":
         return ClaimAnswer(verdict, raw[1], _maybe_text(raw[2]))
@@ -346,7 +358,7 @@ def _claim_answer(raw: Any) -> ClaimAnswer:
 
 
 def _complete_answer(raw: Any) -> CompleteAnswer:
-    if raw[0]:
+    if type(raw) is int:  # 1: stored
         return CompleteAnswer(True)
     return CompleteAnswer(False, text(raw[1]), _maybe_text(raw[2]) if len(raw) > 2 else None)
 

@@ -571,7 +571,7 @@ def test_a_value_that_cannot_be_packed_fails_its_batch_as_the_store_being_unavai
     store = RedisStore(rt_redis_flushed.url(1))
     bad: Any = object()
     with pytest.raises(StoreUnavailable, match="could not be packed"):
-        store.batch([Claim("r", "o", 1000, 60_000, fingerprint=bad)])
+        store.batch([Claim("r", "o", 1000, 60_000, handoff=bad)])
     assert store.batch([claim_op("after-bad")]) == [ClaimAnswer("claimed", 1)]
     store.close()
 

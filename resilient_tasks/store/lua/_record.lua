@@ -3,11 +3,10 @@
 -- state: in_flight | done | released; life: the ttl a claim keeps for after its lease
 -- (the lease left is PTTL - life); result: the stored JSON, last because only it is
 -- long, '' until done (the task id is written with its newlines replaced). One string
--- makes a fresh claim a single SET NX PX, and lets complete, renew and release check
--- ownership by the record's head (state, token, owner) without parsing the rest.
-local function record_head(state, token, owner)
-  return state .. '\n' .. token .. '\n' .. owner .. '\n'
-end
+-- makes a fresh claim a single SET NX PX of a text the client wrote, and lets complete,
+-- renew and release check ownership by the record's head ('in_flight\n<token>\n<owner>\n',
+-- also the client's) without parsing the rest. Scripts include this file after their
+-- usual path has returned, so that path does not pay for defining these functions.
 
 -- record_text: the record's string, false when there is none, or nil when the key holds
 -- a hash (written by an earlier release); any other error (an ACL refusal) fails the op.
@@ -41,4 +40,11 @@ local function read_record(key)
   if state ~= 'done' then result = nil end
   return {state = state, token = tonumber(token) or 0, owner = owner, life = tonumber(life), fp = fp,
           task_id = task_id, result = result}
+end
+
+-- refusal: what a complete, renew or release whose head did not match learns.
+local function refusal(key)
+  local rec = read_record(key)
+  if not rec then return {0, ''} end
+  return {0, rec.state, rec.result}
 end

@@ -1,3 +1,4 @@
+--@include _prelude.lua
 -- admit: may one call go to the downstream? Decides OPEN -> HALF_OPEN by time, and hands
 -- out at most `probes` half-open probe leases fleet-wide.
 -- KEYS[1] breaker hash

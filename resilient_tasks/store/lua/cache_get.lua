@@ -1,3 +1,4 @@
+--@include _prelude.lua
 -- cache_get: what a fallback entry holds for this call.
 -- Always: a cached negative answer, or a failure of this key remembered moments ago, and
 -- the age of the last known good value the entry holds (so a caller can skip rewriting

@@ -1,3 +1,4 @@
+--@include _prelude.lua
 -- cache_put: remember a validated success, a negative answer, or a recent failure.
 -- A failure is kept beside the last known good value, never instead of it: the value is
 -- what the next failing calls should be served.

@@ -1,3 +1,4 @@
+--@include _prelude.lua
 -- record: count outcomes in the sliding window and make any transition.
 -- One script decides, so N workers racing produce exactly one transition.
 -- A record may carry many calls (a process flushing the successes it summed): they are

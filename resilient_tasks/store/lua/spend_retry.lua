@@ -1,3 +1,4 @@
+--@include _prelude.lua
 -- spend_retry: take one retry from the downstream's fleet-wide budget, if any is left.
 -- Retries in the window may not exceed ratio * first attempts + min_per_window.
 -- KEYS[1] breaker hash (the budget lives beside the breaker's window)

@@ -1,3 +1,4 @@
+--@include _prelude.lua
 -- switch: an operator's degrade switch for one downstream, read by every admission, or
 -- the 'close' / 'reset' action.
 -- KEYS[1] breaker hash
