@@ -232,6 +232,8 @@ class Codec:
         # The record a fresh claim writes is made here, so the script's usual path is
         # one SET NX PX of it (see lua/_record.lua); arguments it does not need are left off.
         ttl = int(op.ttl_ms)
+        if "\n" in op.owner or "\n" in op.fingerprint:
+            raise ValueError(f"a claim's owner and fingerprint hold no newline: {op.owner!r}")
         task_id = op.task_id if "\n" not in op.task_id else op.task_id.replace("\n", " ")
         fresh = f"in_flight\n1\n{op.owner}\n{ttl}\n{op.fingerprint}\n{task_id}\n"
         key = f"{self.idem}{{{op.record}}}"

@@ -136,6 +136,40 @@ def test_noscript_is_recovered_while_flushes_keep_coming(
     assert counted.trips == before + 3
 
 
+def test_a_full_store_still_answers_claims_that_need_no_write(rt_redis_flushed: RedisServer) -> None:
+    """At ``maxmemory`` with ``noeviction`` Redis refuses a script's first write, even a
+    ``SET NX`` that would not write: a replay, an in-flight answer and a conflict are
+    still given (they only read); a claim that must write fails as the store unavailable."""
+    store = RedisStore(rt_redis_flushed.url(1))
+    store.batch([Claim("done", "a", 1000, 60_000, "fp"), Claim("busy", "a", 60_000, 60_000, "fp")])
+    store.batch([Complete("done", "a", 1, '"r"', 60_000, refresh=False)])
+    admin = rt_redis_flushed.client()
+    admin.config_set("maxmemory", "1")
+    try:
+        done, busy, conflict = store.batch(
+            [Claim("done", "b", 1000, 60_000, "fp"), Claim("busy", "b", 1000, 60_000, "fp"),
+             Claim("busy", "b", 1000, 60_000, "other")]
+        )  # fmt: skip
+        assert done == ClaimAnswer("done", 1, '"r"')
+        assert busy.verdict == "in_flight" and conflict == ClaimAnswer("conflict", 1)
+        with pytest.raises(StoreUnavailable, match="OutOfMemoryError|OOM"):
+            store.batch([Claim("new", "b", 1000, 60_000)])
+    finally:
+        admin.config_set("maxmemory", "0")
+        admin.close()
+    store.close()
+
+
+def test_a_claims_owner_and_fingerprint_hold_no_newline(rt_redis_flushed: RedisServer) -> None:
+    store = RedisStore(rt_redis_flushed.url(1))
+    with pytest.raises(ValueError, match="no newline"):
+        store.batch([Claim("nl", "a\nb", 1000, 60_000)])
+    with pytest.raises(ValueError, match="no newline"):
+        store.batch([Claim("nl", "a", 1000, 60_000, "f\np")])
+    assert store.batch([Claim("nl", "a", 1000, 60_000)]) == [ClaimAnswer("claimed", 1)], "nothing was written"
+    store.close()
+
+
 def test_any_other_error_answer_fails_the_batch(rt_redis_flushed: RedisServer) -> None:
     admin = rt_redis_flushed.client()
     admin.config_set("maxmemory", "1")

@@ -13,9 +13,14 @@
 -- clock, and taking a record asks no clock at all.
 local key, fresh = KEYS[1], ARGV[1]
 local peek = ARGV[4] == '1'
--- the usual path: no record yet, one command takes it
-if not peek and redis.call('SET', key, fresh, 'NX', 'PX', ARGV[2]) then
-  return 1
+-- the usual path: no record yet, one command takes it. (pcall: a full Redis refuses a
+-- script's first write even when NX would not write; the record is then still read,
+-- so a replay or an in-flight answer needs no memory, and a write that does fails below.)
+if not peek then
+  local set = redis.pcall('SET', key, fresh, 'NX', 'PX', ARGV[2])
+  if type(set) == 'table' and set.ok then
+    return 1
+  end
 end
 --@include _prelude.lua
 --@include _record.lua
