@@ -12,7 +12,11 @@ variant sends it, by the same client code:
   ``clear_lock`` after the task (``SET NX PX``, ``DEL``);
 - ``floor_2_evalsha``: two ``EVALSHA`` of ``return 1`` (the floor of a 2-trip design);
 - ``idempotency``: ``RedisStore.batch`` of a claim, then of its completion, with the
-  guard's arguments (a new key per task, as in the fleet benchmark).
+  guard's arguments (a new key per task, as in the fleet benchmark);
+- ``idempotency_fallback``: the same with a fallback: the claim and a peek at the cache
+  entry, then the completion and the cache write (a task with all three guards whose
+  breaker's view is fresh: the breaker's batched ``record``, about one per 0.1 s per
+  process, is left out).
 
 Per task = (count after N2 tasks - count after N1) / (N2 - N1), so connecting, loading
 scripts and the store's checks cancel out. Kernel time (the socket reads and writes)
@@ -37,13 +41,13 @@ from pathlib import Path
 import redis
 
 from resilient_tasks.keys import digest, owner_id
-from resilient_tasks.store.protocol import Claim, Complete
+from resilient_tasks.store.protocol import CacheGet, CachePut, Claim, Complete, Op
 from resilient_tasks.store.redis import RedisStore
 from resilient_tasks.testing import free_port
 
-VARIANTS = ("celery_once", "floor_2_evalsha", "idempotency")
+VARIANTS = ("celery_once", "floor_2_evalsha", "idempotency", "idempotency_fallback")
 COLLECT = ("readQueryFromClient", "handleClientsWithPendingWrites")
-LEASE_MS, TTL_MS = 300_000, 86_400_000
+LEASE_MS, TTL_MS, CACHE_TTL_MS = 300_000, 86_400_000, 120_000
 
 
 def _celery_once(url: str) -> Callable[[int], None]:
@@ -70,17 +74,23 @@ def _floor(url: str) -> Callable[[int], None]:
     return task
 
 
-def _idempotency(url: str) -> Callable[[int], None]:
+def _idempotency(url: str, fallback: bool = False) -> Callable[[int], None]:
     store = RedisStore(url)
     store.check()
     run = uuid.uuid4().hex
 
     def task(i: int) -> None:
         record, owner = digest("bench.idempotency", f"{run}:{i}"), owner_id()
-        (claimed,) = store.batch([Claim(record, owner, LEASE_MS, TTL_MS, task_id=str(uuid.uuid4()))])
+        begin: list[Op] = [Claim(record, owner, LEASE_MS, TTL_MS, task_id=str(uuid.uuid4()))]
+        end: list[Op] = []
+        if fallback:
+            begin.append(CacheGet(record, now_ms=int(time.time() * 1000)))
+        claimed = store.batch(begin)[0]
         assert claimed.verdict == "claimed", claimed
-        (done,) = store.batch([Complete(record, owner, claimed.token, "42", TTL_MS, refresh=False)])
-        assert done.stored, done
+        end.append(Complete(record, owner, claimed.token, "42", TTL_MS, refresh=False))
+        if fallback:
+            end.append(CachePut(record, "42", "ok", CACHE_TTL_MS, int(time.time() * 1000)))
+        assert store.batch(end)[0].stored
 
     return task
 
@@ -89,6 +99,7 @@ DRIVERS: dict[str, Callable[[str], Callable[[int], None]]] = {
     "celery_once": _celery_once,
     "floor_2_evalsha": _floor,
     "idempotency": _idempotency,
+    "idempotency_fallback": lambda url: _idempotency(url, fallback=True),
 }
 
 
