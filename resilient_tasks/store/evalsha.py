@@ -77,7 +77,9 @@ def scripts() -> dict[str, Script]:
 
     def read(name: str) -> str:
         lines = folder.joinpath(name).read_text(encoding="utf-8").splitlines(keepends=True)
-        return "".join(read(ln[len(INCLUDE) :].strip()) if ln.startswith(INCLUDE) else ln for ln in lines)
+        return "".join(
+            read(ln.strip()[len(INCLUDE) :]) if ln.lstrip().startswith(INCLUDE) else ln for ln in lines
+        )
 
     found = {}
     for entry in folder.iterdir():
@@ -311,7 +313,7 @@ class Codec:
     def cache_put(self, op: CachePut) -> Command:
         return (
             "EVALSHA", self.sha["cache_put"], 1, f"{self.fb}{{{op.record}}}", op.value, int(op.now_ms),
-            int(op.ttl_ms), op.kind,
+            max(1, int(op.ttl_ms)), op.kind,
         )  # fmt: skip
 
 
