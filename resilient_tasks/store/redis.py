@@ -731,9 +731,12 @@ class RedisStore:
         a hash an earlier release wrote is read as its fields."""
         key = self.idempotency_key(record)
         try:
-            if text(self._client.type(key)) == "hash":
+            try:
+                return parse_record(self._client.get(key))
+            except ResponseError as exc:
+                if "WRONGTYPE" not in str(exc):
+                    raise
                 return {text(k): text(v) for k, v in self._client.hgetall(key).items()}
-            return parse_record(self._client.get(key))
         except (RedisError, RedisClusterException) as exc:
             self._fail("could not read an idempotency record", exc)
 

@@ -503,6 +503,8 @@ def test_a_tls_store_with_an_acl_user_runs_every_op_on_new_connections_too(
     for thread in threads:
         thread.join()
     assert sorted(r[0].verdict for r in results) == ["claimed"] * 8
+    record = store.idempotency_record("p0")  # an operator's read, within the documented ACL line
+    assert record is not None and record["state"] == "in_flight" and record["token"] == "1"
     assert store.check_eviction() is None, "CONFIG is refused to this user: nothing to learn"
     store.close()
 
