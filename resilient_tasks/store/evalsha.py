@@ -249,7 +249,7 @@ class Codec:
         return command
 
     def complete(self, op: Complete) -> Command:
-        head = f"in_flight\n{int(op.token)}\n{op.owner}\n"
+        head = _head(op.token, op.owner)
         key = f"{self.idem}{{{op.record}}}"
         if op.refresh:
             return ("EVALSHA", self.sha["complete"], 1, key, head, op.result, int(op.ttl_ms))
@@ -257,14 +257,14 @@ class Codec:
 
     def release(self, op: Release) -> Command:
         return (
-            "EVALSHA", self.sha["release"], 1, f"{self.idem}{{{op.record}}}",
-            f"in_flight\n{int(op.token)}\n{op.owner}\n", int(op.ttl_ms),
+            "EVALSHA", self.sha["release"], 1, f"{self.idem}{{{op.record}}}", _head(op.token, op.owner),
+            int(op.ttl_ms),
         )  # fmt: skip
 
     def renew(self, op: Renew) -> Command:
         return (
-            "EVALSHA", self.sha["renew"], 1, f"{self.idem}{{{op.record}}}",
-            f"in_flight\n{int(op.token)}\n{op.owner}\n", int(op.lease_ms),
+            "EVALSHA", self.sha["renew"], 1, f"{self.idem}{{{op.record}}}", _head(op.token, op.owner),
+            int(op.lease_ms),
         )  # fmt: skip
 
     def forget(self, op: Forget) -> Command:
@@ -348,6 +348,12 @@ def _peeked(raw: Any, now: int) -> CacheEntry:
     if remembered > now and fail_value is not None:
         return CacheEntry("failure", _maybe_text(fail_value), good_age_ms=good_age)
     return CacheEntry(good_age_ms=good_age) if good_age >= 0 else CacheEntry()
+
+
+def _head(token: int, owner: str) -> str:
+    """The start of the record ``owner`` holds with ``token``: what complete, renew and
+    release compare with the record (``lua/_record.lua``)."""
+    return f"in_flight\n{int(token)}\n{owner}\n"
 
 
 def _claim_answer(raw: Any) -> ClaimAnswer:

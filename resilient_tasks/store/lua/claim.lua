@@ -24,7 +24,7 @@ if not peek then
 end
 --@include _prelude.lua
 --@include _record.lua
-local owner, life, mine = string.match(fresh, '^in_flight\n1\n([^\n]*)\n([^\n]*)\n([^\n]*)\n')
+local mine = string.match(fresh, '^in_flight\n1\n[^\n]*\n[^\n]*\n([^\n]*)\n') -- its fingerprint
 local handoff = ARGV[3] or ''
 local rec = read_record(key)
 local token = rec and rec.token or 0
